@@ -1,0 +1,64 @@
+"""The batch CLI's side of the engine: copies each job's images to --out and moves a progress bar."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.progress import Progress, TaskID
+
+from bot.adapter import StatusUpdate
+from bot.jobs import Job, StoredImage, Target
+
+
+@dataclass
+class BatchResult:
+    """What one batch run produced."""
+
+    files: list[Path] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    cost_usd: float = 0.0
+
+
+class BatchAdapter:
+    """Platform `cli`: a job's target chat is its line number in the batch."""
+
+    platform = "cli"
+
+    def __init__(self, out_dir: Path, progress: Progress, task: TaskID) -> None:
+        self.out_dir = out_dir
+        self.progress = progress
+        self.task = task
+        self.result = BatchResult()
+
+    async def deliver(self, job: Job, images: Sequence[StoredImage]) -> str:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{int(job.target.chat_id):03d}-{slug(job.prompt)}"
+        names = []
+        for image in images:
+            suffix = f"-{image.index + 1}" if len(images) > 1 else ""
+            dest = self.out_dir / f"{stem}{suffix}{image.path.suffix}"
+            shutil.copyfile(image.path, dest)
+            self.result.files.append(dest)
+            names.append(dest.name)
+        self.result.cost_usd += job.cost_usd
+        self.progress.advance(self.task)
+        return ",".join(names)
+
+    async def status(self, job: Job, update: StatusUpdate) -> None:
+        if update.kind.final:
+            self.result.failures.append((job.id, update.text))
+            self.progress.console.print(f"[red]✗[/red] {update.text}", markup=True, highlight=False)
+            self.progress.advance(self.task)
+
+    async def notify(self, target: Target, text: str) -> None:
+        self.progress.console.print(text, markup=False)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a prompt."""
+    words = re.sub(r"[^\w]+", "-", text.lower(), flags=re.UNICODE).strip("-")
+    return words[:limit].rstrip("-") or "image"

@@ -1,0 +1,62 @@
+"""The core → platform seam: what every adapter (Telegram, Discord, console, batch) implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from bot.jobs import Job, StoredImage, Target
+
+
+class StatusKind(StrEnum):
+    """A job's visible step; `final` kinds end the job's status message."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    PROGRESS = "progress"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    REFUSED = "refused"
+    TIMEOUT = "timeout"
+
+    @property
+    def final(self) -> bool:
+        return self in (
+            StatusKind.CANCELLED,
+            StatusKind.FAILED,
+            StatusKind.REFUSED,
+            StatusKind.TIMEOUT,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """One status event, with its text already rendered in the job's language."""
+
+    kind: StatusKind
+    text: str
+    position: int | None = None
+    percent: int | None = None
+
+
+class Adapter(Protocol):
+    """A platform, as the engine sees it.
+
+    `status` must return quickly: an adapter coalesces edits to its platform's limits and sends
+    them in the background, and may drop a stale progress edit. `deliver` is awaited: it returns
+    the platform's message id(s) of what it posted, recorded so a restart never posts twice.
+    """
+
+    platform: str
+
+    async def deliver(self, job: Job, images: Sequence[StoredImage]) -> str:
+        """Post the images for `job` where its target says; raise `DeliveryError` on failure."""
+        ...
+
+    async def status(self, job: Job, update: StatusUpdate) -> None:
+        """Show the job's progress (queued position, started, %, or its failure)."""
+
+    async def notify(self, target: Target, text: str) -> None:
+        """Send a plain message."""

@@ -1,0 +1,201 @@
+"""The `drawbridge` command: `run` (the bot or the console chat), `generate` (batch), `usage`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from bot import __version__
+from bot.errors import DrawbridgeError, SettingsError, UserError
+from bot.settings import Settings, load_settings
+
+log = logging.getLogger("drawbridge")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="drawbridge", description=__doc__)
+    p.add_argument("--version", action="version", version=f"drawbridge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start the bot (or the console chat when no token is set)")
+    run.add_argument("--console", action="store_true", help="chat in this terminal")
+
+    gen = sub.add_parser("generate", help="generate images for one prompt or a file of prompts")
+    gen.add_argument("prompt", nargs="?", help="the prompt (options like --ar may follow inside)")
+    gen.add_argument("--file", type=Path, help="a text file with one prompt a line")
+    gen.add_argument("--model", help="model name (see `drawbridge run --console`, /models)")
+    gen.add_argument("--ar", dest="aspect_ratio", help="aspect ratio, e.g. 16:9")
+    gen.add_argument("--n", type=int, default=None, help="images per prompt")
+    gen.add_argument("--size", help="size, e.g. 1K or 2K, as the model allows")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--out", type=Path, default=Path("out"), help="folder for the images")
+
+    usage = sub.add_parser("usage", help="spend and counts per user, model and day")
+    usage.add_argument("--json", action="store_true", help="print JSON rows")
+    usage.add_argument("--days", type=int, default=None, help="only the last N days")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"drawbridge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "run":
+            return _run_command(settings, args.console)
+        if args.command == "generate":
+            from bot.batch import run_batch
+
+            return asyncio.run(run_batch(settings, args))
+        return asyncio.run(_usage(settings, args.json, args.days))
+    except (DrawbridgeError, OSError) as exc:
+        if isinstance(exc, UserError):
+            from bot.texts import render_error
+
+            print(f"drawbridge: {render_error('en', exc)}", file=sys.stderr)
+        else:
+            print(f"drawbridge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_command(settings: Settings, console: bool) -> int:
+    from bot.logs import setup_logging
+
+    platforms = [
+        name
+        for name, token in (
+            ("telegram", settings.telegram_bot_token),
+            ("discord", settings.discord_bot_token),
+        )
+        if token is not None
+    ]
+    if not platforms and not console:
+        if not sys.stdin.isatty():
+            print(
+                "drawbridge: nothing to serve: set TELEGRAM_BOT_TOKEN or DISCORD_BOT_TOKEN, "
+                "or run `drawbridge run --console`",
+                file=sys.stderr,
+            )
+            return 2
+        console = True
+    log_file = settings.data_dir / "drawbridge.log" if console else None
+    setup_logging(settings.log_level, settings.log_format, settings.secret_values(), log_file)
+    return asyncio.run(_run(settings, console, platforms))
+
+
+async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
+    from adapters.console_adapter import ConsoleAdapter
+    from bot.app import Service, open_core, serve
+    from bot.texts import pick_lang
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(settings.data_dir):
+        async with open_core(settings) as core:
+            services: list[Service] = []
+            console_adapter = None
+            if console:
+                lang = pick_lang(os.environ.get("LANG", "").split(".")[0].replace("_", "-"))
+                console_adapter = ConsoleAdapter(core.engine, lang=lang)
+                services.append(console_adapter)
+            for name in platforms:
+                log.warning("%s adapter is not available in this build yet", name)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            async with serve(core, services):
+                log.info(
+                    "drawbridge running: model %s, data %s",
+                    core.engine.default_model,
+                    settings.data_dir,
+                )
+                waits = [asyncio.create_task(stop.wait())]
+                if console_adapter is not None:
+                    waits.append(asyncio.create_task(console_adapter.finished.wait()))
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+    return 0
+
+
+class _exclusive:
+    """One bot process per data dir: two engines on one queue would run each job twice."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "drawbridge.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise SettingsError(
+                f"DRAWBRIDGE_DATA_DIR: another drawbridge is already running on {self.path.parent}"
+            ) from None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+
+
+async def _usage(settings: Settings, as_json: bool, days: int | None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bot.store import Store
+
+    since = None
+    if days is not None:
+        since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - days * 86400))
+    async with await Store.open(settings.data_dir) as store:
+        rows = await store.usage(since)
+    if as_json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    table = Table(title="drawbridge usage")
+    for col in ("day", "user", "model", "jobs", "succeeded", "images", "cost"):
+        table.add_column(
+            col, justify="right" if col in ("jobs", "succeeded", "images", "cost") else "left"
+        )
+    for r in rows:
+        table.add_row(
+            r.day,
+            f"{r.platform}:{r.user_id}",
+            r.model,
+            str(r.jobs),
+            str(r.succeeded),
+            str(r.images),
+            f"${r.cost_usd:.4f}",
+        )
+    total = sum(r.cost_usd for r in rows)
+    images = sum(r.images for r in rows)
+    table.add_section()
+    table.add_row(
+        "total",
+        "",
+        "",
+        str(sum(r.jobs for r in rows)),
+        str(sum(r.succeeded for r in rows)),
+        str(images),
+        f"${total:.4f}",
+    )
+    Console().print(table)
+    return 0

@@ -1,0 +1,143 @@
+"""The Telegram text syntax, parsed without a platform: `/imagine a fox --ar 16:9 --n 2`.
+
+Shared by the Telegram adapter, the console chat and `drawbridge generate`. Errors are
+`InvalidRequest` with a text key, so every adapter answers them the same way in the user's language.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+
+from bot.errors import InvalidRequest
+from bot.jobs import Options
+
+ALIASES = {"img": "imagine", "draw": "imagine", "image": "imagine"}
+MAX_COUNT = 10
+MAX_SEED = 2**32 - 1
+
+_OPTIONS = {
+    "ar": "aspect_ratio",
+    "aspect": "aspect_ratio",
+    "aspect-ratio": "aspect_ratio",
+    "aspect_ratio": "aspect_ratio",
+    "n": "n",
+    "count": "n",
+    "model": "model",
+    "m": "model",
+    "size": "size",
+    "seed": "seed",
+}
+_COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?:\s+|$)(.*)$", re.DOTALL)
+_OPTION = re.compile(r"^--([A-Za-z][A-Za-z0-9_-]*)(?:=(.*))?$", re.DOTALL)
+_RATIO = re.compile(r"^(\d{1,3})\s*[:x×/]\s*(\d{1,3})$")
+_DASHES = ("—", "–", "−")  # phones turn `--` into an em or en dash
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    args: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedPrompt:
+    prompt: str
+    options: Options
+    model: str | None = None
+
+
+def parse_command(text: str, bot_username: str | None = None) -> Command | None:
+    """`/name[@bot] args` → Command; None for plain text or a command addressed to another bot."""
+    match = _COMMAND.match(text.strip())
+    if match is None:
+        return None
+    name, mention, args = match.groups()
+    if mention and bot_username and mention.lower() != bot_username.lower().lstrip("@"):
+        return None
+    name = name.lower()
+    return Command(ALIASES.get(name, name), args.strip())
+
+
+def _normalize_dash(token: str) -> str:
+    for dash in _DASHES:
+        if token.startswith(dash) and len(token) > 1 and token[1:2].isalpha():
+            return "--" + token[1:]
+    return token
+
+
+def parse_ratio(value: str) -> str:
+    match = _RATIO.match(value.strip())
+    if match is None or int(match[1]) == 0 or int(match[2]) == 0:
+        raise InvalidRequest("error.bad_aspect_ratio", value=value)
+    return f"{int(match[1])}:{int(match[2])}"
+
+
+def parse_prompt(text: str, max_chars: int = 2000) -> ParsedPrompt:
+    """Split a prompt from its `--options`; unknown or malformed options are errors, not prompt."""
+    words: list[str] = []
+    values: dict[str, str] = {}
+    tokens = text.split()
+    i = 0
+    while i < len(tokens):
+        token = _normalize_dash(tokens[i])
+        i += 1
+        match = _OPTION.match(token)
+        if match is None:
+            words.append(token)
+            continue
+        raw_name, value = match[1], match[2]
+        name = _OPTIONS.get(raw_name.lower())
+        if name is None:
+            raise InvalidRequest("error.unknown_option", option=f"--{raw_name}")
+        if value is None:
+            if i >= len(tokens) or _OPTION.match(_normalize_dash(tokens[i])):
+                raise InvalidRequest("error.option_needs_value", option=f"--{raw_name}")
+            value = tokens[i]
+            i += 1
+        if not value:
+            raise InvalidRequest("error.option_needs_value", option=f"--{raw_name}")
+        values[name] = value
+    prompt = " ".join(words)
+    if not prompt:
+        raise InvalidRequest("error.empty_prompt")
+    if len(prompt) > max_chars:
+        raise InvalidRequest("error.prompt_too_long", length=len(prompt), max=max_chars)
+    n = 1
+    if "n" in values:
+        try:
+            n = int(values["n"])
+        except ValueError:
+            n = 0
+        if not 1 <= n <= MAX_COUNT:
+            raise InvalidRequest("error.bad_count", value=values["n"], max=MAX_COUNT)
+    seed: int | None = None
+    if "seed" in values:
+        try:
+            seed = int(values["seed"])
+        except ValueError:
+            seed = -1
+        if not 0 <= seed <= MAX_SEED:
+            raise InvalidRequest("error.bad_seed", value=values["seed"])
+    ratio = parse_ratio(values["aspect_ratio"]) if "aspect_ratio" in values else None
+    options = Options(aspect_ratio=ratio, n=n, size=values.get("size"), seed=seed)
+    return ParsedPrompt(prompt, options, values.get("model"))
+
+
+def parse_job_ref(args: str) -> str | None:
+    """The job id in `/cancel abc123` (a leading `#` allowed), or None for "my latest"."""
+    token = args.strip().split(maxsplit=1)[0] if args.strip() else ""
+    token = token.lstrip("#").lower()
+    return token or None
+
+
+def shorten(text: str, limit: int) -> str:
+    """Cut `text` to `limit` characters with an ellipsis, on one line."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: max(0, limit - 1)].rstrip() + "…"
+
+
+def escape_html(text: str) -> str:
+    """For Telegram's HTML parse mode and anywhere else a prompt is echoed into markup."""
+    return html.escape(text, quote=False)

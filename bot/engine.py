@@ -1,0 +1,622 @@
+"""The job engine: submit, schedule fairly under bounds, generate, store, deliver, settle; resume on start."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from bot.adapter import Adapter, StatusKind, StatusUpdate
+from bot.catalog import Catalog, ModelSpec
+from bot.errors import (
+    DeliveryError,
+    ErrorKind,
+    JobNotFound,
+    NotAllowed,
+    ProviderError,
+    QueueFull,
+    ShuttingDown,
+    TooManyPending,
+    UserError,
+)
+from bot.fairqueue import FairQueue
+from bot.jobs import GeneratedImage, Job, JobStatus, Request, StoredImage, Target, Ticket, UserRef
+from bot.providers.base import GenerationRequest, Provider
+from bot.providers.retry import provider_retrying
+from bot.quota import Limits, Quotas
+from bot.store import Store
+from bot.texts import t
+from bot.validate import validate_request
+
+log = logging.getLogger("drawbridge.engine")
+
+UPDATE_STATUS = "UPDATE jobs SET status = ? WHERE id = ?"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """The engine's knobs; `bot.app` builds this from the settings."""
+
+    concurrency: int = 16
+    queue_max: int = 200
+    max_pending_per_user: int = 3
+    limits: Limits = field(default_factory=Limits)
+    admin_ids: frozenset[str] = frozenset()
+    allowed_ids: frozenset[str] = frozenset()
+    max_prompt_chars: int = 2000
+    generate_timeout: float = 600.0
+    deliver_timeout: float = 120.0
+    queue_timeout: float = 3600.0
+    shutdown_grace: float = 20.0
+    retry_attempts: int = 4
+    retry_initial: float = 1.0
+    deliver_attempts: int = 3
+    deliver_backoff: float = 1.0
+    provider_concurrency: Mapping[str, int] = field(default_factory=dict)
+    sweep_interval: float = 30.0
+
+    def allowed(self, user: str, target: Target) -> bool:
+        if not self.allowed_ids or user in self.allowed_ids or user in self.admin_ids:
+            return True
+        chat = f"{target.platform}-chat:{target.chat_id}"
+        guild = f"{target.platform}-guild:{target.guild_id}" if target.guild_id else None
+        return chat in self.allowed_ids or (guild is not None and guild in self.allowed_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A user's day so far, as `/usage` shows it."""
+
+    day: str
+    images: int
+    image_limit: int
+    usd: float
+    usd_limit: float
+    active_jobs: int
+    exempt: bool
+
+
+def new_job_id() -> str:
+    """Ten lowercase base32 characters: short enough to type after /cancel, 50 bits of randomness."""
+    return base64.b32encode(secrets.token_bytes(7)).decode()[:10].lower()
+
+
+class Engine:
+    """One engine serves every adapter; see DESIGN.md §2 for the rules it keeps."""
+
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        providers: Mapping[str, Provider],
+        config: EngineConfig,
+        *,
+        default_model: str = "demo",
+        clock: Callable[[], float] = time.time,
+        quotas: Quotas | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.providers = dict(providers)
+        self.config = config
+        self.default_model = default_model
+        self.clock = clock
+        self.quotas = quotas or Quotas(config.limits, ZoneInfo("UTC"), clock)
+        self.adapters: dict[str, Adapter] = {}
+        self._queue = FairQueue()
+        self._jobs: dict[str, Job] = {}  # queued or running, by id
+        self._active_by_user: dict[str, int] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._running_by_provider: dict[str, int] = {}
+        self._generating: set[str] = set()  # running jobs still in the (cancellable) generate stage
+        self._cancelled: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ---- platform → core ------------------------------------------------------------------
+
+    def register(self, adapter: Adapter) -> None:
+        self.adapters[adapter.platform] = adapter
+
+    async def submit(self, request: Request, *, parent_id: str | None = None) -> Ticket:
+        """Validate, reserve quota, persist, enqueue: fast, no provider I/O; raises `UserError`."""
+        if self._closing:
+            raise ShuttingDown()
+        cfg = self.config
+        user = str(request.user)
+        admin = user in cfg.admin_ids
+        if not cfg.allowed(user, request.target):
+            raise NotAllowed()
+        spec, prompt, options = validate_request(
+            request, self.catalog, self.default_model, set(self.providers), cfg.max_prompt_chars
+        )
+        now = self.clock()
+        day = self.quotas.day_of(now)
+        cost = spec.cost(options.n, options.size)
+        # Bounds and quota are checked and taken with no await in between: of many concurrent
+        # submits for the last slot, exactly one passes.
+        if len(self._jobs) >= cfg.queue_max:
+            raise QueueFull()
+        if self._active_by_user.get(user, 0) >= cfg.max_pending_per_user:
+            raise TooManyPending(max=cfg.max_pending_per_user)
+        self.quotas.reserve(user, day, options.n, cost, exempt=admin)
+        job = Job(
+            id=new_job_id(),
+            user=request.user,
+            target=request.target,
+            prompt=prompt,
+            model=spec.name,
+            provider=spec.provider,
+            options=options,
+            status=JobStatus.QUEUED,
+            lang=request.lang,
+            day=day,
+            created_at=now,
+            reserved_usd=cost,
+            admin=admin,
+            parent_id=parent_id,
+        )
+        self._hold(job)
+        try:
+            if request.reference_images:
+                paths = await self.store.save_reference_images(job.id, request.reference_images)
+                job = replace(job, reference_paths=paths)
+                self._jobs[job.id] = job
+            await self.store.insert_job(job)
+        except BaseException:
+            self._unhold(job)
+            self.quotas.release(user, day, options.n, cost)
+            raise
+        self._queue.push(job)
+        self._wake()
+        position = self._queue.position(job.id) or 1
+        log.info(
+            "→ job=%s user=%s model=%s n=%d pos=%d", job.id, user, spec.name, options.n, position
+        )
+        return Ticket(job.id, position, spec.name, options.n, cost)
+
+    async def cancel(self, user: UserRef, job_id: str | None = None) -> Job:
+        """Cancel a queued job (refunded) or abandon a running one (result discarded, refunded)."""
+        job = self._find_active(user, job_id)
+        if job.id in self._queue:
+            self._queue.remove(job.id)
+        elif job.id in self._generating:
+            self._cancelled.add(job.id)
+            task = self._running[job.id]
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        else:
+            raise UserError("error.job_finishing", job=job.id)
+        return await self._finish(
+            job, JobStatus.CANCELLED, ErrorKind.CANCELLED, "cancelled by user"
+        )
+
+    async def reroll(self, user: UserRef, job_id: str, target: Target | None = None) -> Ticket:
+        """Submit the same prompt and options again (a new seed unless one was fixed)."""
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise JobNotFound(job=job_id)
+        refs = await self.store.load_reference_images(job.reference_paths)
+        request = Request(
+            user=user,
+            target=target or job.target,
+            prompt=job.prompt,
+            options=job.options,
+            model=job.model,
+            reference_images=refs,
+            lang=job.lang,
+        )
+        return await self.submit(request, parent_id=job.id)
+
+    async def usage(self, user: UserRef) -> Usage:
+        key = str(user)
+        day = self.quotas.today()
+        images, usd = self.quotas.used(key, day)
+        lim = self.quotas.limits
+        return Usage(
+            day=day,
+            images=images,
+            image_limit=lim.user_images,
+            usd=usd,
+            usd_limit=lim.user_usd,
+            active_jobs=self._active_by_user.get(key, 0),
+            exempt=key in self.config.admin_ids,
+        )
+
+    async def jobs(self, user: UserRef, limit: int = 10) -> list[Job]:
+        return await self.store.recent_jobs(user, limit)
+
+    def position(self, job_id: str) -> int:
+        return self._queue.position(job_id)
+
+    async def attach_status_message(self, job_id: str, message_id: str) -> None:
+        """Remember the adapter's status message, so a restarted bot edits the same one."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            self._jobs[job_id] = replace(job, status_message_id=message_id)
+        await self.store.write(
+            ("UPDATE jobs SET status_message_id = ? WHERE id = ?", (message_id, job_id))
+        )
+
+    def active_job(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, *, resume: bool = True) -> None:
+        """Resume from the database: queued jobs, submitted provider tasks, undelivered results.
+
+        `resume=False` (the batch CLI) leaves other processes' jobs alone and only loads quotas.
+        """
+        resumed = 0
+        ops = []
+        unfinished = await self.store.unfinished_jobs() if resume else []
+        for job in unfinished:
+            if self.catalog.get(job.model) is None or job.provider not in self.providers:
+                # Counted, so that _finish's release balances; the model is gone from this config.
+                self._hold(job)
+                await self._finish(
+                    job, JobStatus.FAILED, ErrorKind.BAD_REQUEST, "model unavailable"
+                )
+                continue
+            if job.status is JobStatus.RUNNING:
+                ops.append((UPDATE_STATUS, (JobStatus.QUEUED.value, job.id)))
+                job = replace(job, status=JobStatus.QUEUED)
+            self._hold(job)
+            # A job whose provider task was already submitted goes first: it is already paid for.
+            self._queue.push(job, front=job.task_id is not None)
+            resumed += 1
+        if ops:
+            await self.store.write(*ops)
+        day = self.quotas.today()
+        self.quotas.load(day, await self.store.day_totals(day))
+        undelivered = (
+            await self.store.undelivered_jobs(self.config.deliver_attempts) if resume else []
+        )
+        for job in undelivered:
+            if job.target.platform in self.adapters:
+                self._spawn(self._deliver_stored(job))
+        if resumed or undelivered:
+            log.info("resumed %d queued jobs, %d undelivered results", resumed, len(undelivered))
+        self._scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")
+        self._sweeper = asyncio.create_task(self._sweep(), name="engine-sweeper")
+        self._wake()
+
+    async def close(self) -> None:
+        """Stop intake, give running jobs a grace period, park the rest for the next start."""
+        self._closing = True
+        for task in (self._scheduler, self._sweeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        pending = set(self._running.values()) | self._background
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.config.shutdown_grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                log.info("parked %d unfinished jobs for the next start", len(late))
+
+    async def run_until_idle(self) -> None:
+        """Wait until nothing is queued, running or being delivered (for tests and batch runs)."""
+        while self._jobs or self._running or self._background:
+            self._idle.clear()
+            await self._idle.wait()
+
+    # ---- scheduling -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _provider_has_room(self, job: Job) -> bool:
+        cap = self.config.provider_concurrency.get(job.provider)
+        return cap is None or self._running_by_provider.get(job.provider, 0) < cap
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while len(self._running) < self.config.concurrency:
+                job = self._queue.pop(self._provider_has_room)
+                if job is None:
+                    break
+                self._running_by_provider[job.provider] = (
+                    self._running_by_provider.get(job.provider, 0) + 1
+                )
+                task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+                self._running[job.id] = task
+                task.add_done_callback(functools.partial(self._job_done, job))
+
+    def _job_done(self, job: Job, _task: asyncio.Task[None]) -> None:
+        self._running.pop(job.id, None)
+        self._generating.discard(job.id)
+        self._cancelled.discard(job.id)
+        self._running_by_provider[job.provider] -= 1
+        self._wake()
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._jobs and not self._running and not self._background:
+            self._idle.set()
+
+    async def _sweep(self) -> None:
+        """Fail jobs that waited in the queue past QUEUE_TIMEOUT: every job ends."""
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            cutoff = self.clock() - self.config.queue_timeout
+            for job in [j for j in self._queue if j.created_at < cutoff and j.task_id is None]:
+                self._queue.remove(job.id)
+                await self._finish(job, JobStatus.FAILED, ErrorKind.TIMEOUT, "queue timeout")
+
+    # ---- running one job ------------------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        spec = self.catalog.get(job.model)
+        assert spec is not None  # checked at submit and at start
+        began = self.clock()
+        job = replace(job, status=JobStatus.RUNNING, started_at=began)
+        self._jobs[job.id] = job
+        self._generating.add(job.id)
+        try:
+            await self.store.write(
+                (
+                    "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 "
+                    "WHERE id = ?",
+                    (began, job.id),
+                )
+            )
+            await self._emit(job, StatusKind.STARTED, "status.started", model=job.model)
+            timeout = min(spec.timeout_s, self.config.generate_timeout)
+            images = await asyncio.wait_for(self._generate(job, spec), timeout)
+        except asyncio.CancelledError:
+            if job.id in self._cancelled:
+                return  # cancel() records the outcome
+            raise  # shutdown: the row stays queued/running and resumes on the next start
+        except TimeoutError:
+            await self._finish(job, JobStatus.FAILED, ErrorKind.TIMEOUT, "generation timed out")
+            return
+        except ProviderError as exc:
+            status = JobStatus.REFUSED if exc.kind is ErrorKind.REFUSED else JobStatus.FAILED
+            await self._finish(job, status, exc.kind, str(exc) or exc.kind.value)
+            return
+        except Exception as exc:
+            log.exception("job=%s failed unexpectedly", job.id)
+            await self._finish(job, JobStatus.FAILED, ErrorKind.INTERNAL, type(exc).__name__)
+            return
+        finally:
+            self._generating.discard(job.id)
+        if not images:
+            await self._finish(job, JobStatus.FAILED, ErrorKind.TRANSIENT, "no image returned")
+            return
+        try:
+            done, stored = await self._settle(self._jobs.get(job.id, job), spec, images)
+        except Exception as exc:
+            # The disk or the database refused the result: the job ends, uncharged, and says so.
+            log.exception("job=%s: could not store its images", job.id)
+            await self._finish(job, JobStatus.FAILED, ErrorKind.INTERNAL, type(exc).__name__)
+            return
+        await self._deliver(done, stored)
+
+    async def _generate(self, job: Job, spec: ModelSpec) -> list[GeneratedImage]:
+        provider = self.providers[job.provider]
+        refs = await self.store.load_reference_images(job.reference_paths)
+        hooks = _Hooks(self, job)
+        async for attempt in provider_retrying(
+            self.config.retry_attempts, self.config.retry_initial
+        ):
+            with attempt:
+                request = GenerationRequest(
+                    job_id=job.id,
+                    model=spec.name,
+                    remote_model=spec.remote_model,
+                    endpoint=spec.endpoint,
+                    prompt=job.prompt,
+                    n=job.options.n,
+                    aspect_ratio=job.options.aspect_ratio,
+                    size=job.options.size,
+                    seed=job.options.seed,
+                    reference_images=refs,
+                    task_id=hooks.task_id,
+                    timeout_s=spec.timeout_s,
+                )
+                return await provider.generate(request, hooks)
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _settle(
+        self, job: Job, spec: ModelSpec, images: Sequence[GeneratedImage]
+    ) -> tuple[Job, list[StoredImage]]:
+        """Store the images and charge the job in one transaction: only success is charged."""
+        generated = list(images)[: job.options.n]
+        stored = await self.store.write_images(job.id, generated)
+        cost = spec.cost(len(stored), job.options.size)
+        now = self.clock()
+        await self.store.write(
+            *self.store.image_ops(stored),
+            (
+                "UPDATE jobs SET status = 'succeeded', cost_usd = ?, n_images = ?, finished_at = ?, "
+                "error = NULL, error_kind = NULL WHERE id = ?",
+                (cost, len(stored), now, job.id),
+            ),
+        )
+        self.quotas.settle(
+            str(job.user), job.day, (job.options.n, job.reserved_usd), (len(stored), cost)
+        )
+        self._unhold(job)
+        job = replace(
+            job,
+            status=JobStatus.SUCCEEDED,
+            cost_usd=cost,
+            finished_at=now,
+            options=replace(job.options, n=len(stored)),
+        )
+        took = now - (job.started_at or now)
+        log.info("← job=%s ok %.1fs images=%d cost=%.4f", job.id, took, len(stored), cost)
+        return job, stored
+
+    async def _deliver_stored(self, job: Job) -> None:
+        await self._deliver(job, await self.store.images_for(job.id))
+
+    async def _deliver(self, job: Job, images: Sequence[StoredImage]) -> None:
+        """Post the result, retrying a few times; record the message id so it is never re-sent."""
+        adapter = self.adapters.get(job.target.platform)
+        if adapter is None:
+            log.warning("job=%s: no %s adapter to deliver to; kept", job.id, job.target.platform)
+            return
+        delay = self.config.deliver_backoff
+        for attempt in range(1, self.config.deliver_attempts + 1):
+            try:
+                ref = await asyncio.wait_for(
+                    adapter.deliver(job, images), self.config.deliver_timeout
+                )
+            except (DeliveryError, TimeoutError, OSError) as exc:
+                permanent = isinstance(exc, DeliveryError) and exc.permanent
+                await self.store.write(
+                    (
+                        "UPDATE jobs SET delivery_attempts = delivery_attempts + ? WHERE id = ?",
+                        (self.config.deliver_attempts if permanent else 1, job.id),
+                    )
+                )
+                log.warning("job=%s delivery attempt %d failed: %s", job.id, attempt, exc)
+                if permanent or attempt == self.config.deliver_attempts:
+                    return
+                await asyncio.sleep(delay)
+                delay *= 2
+            else:
+                await self.store.write(
+                    (
+                        "UPDATE jobs SET delivered_at = ?, delivery_ref = ? WHERE id = ?",
+                        (self.clock(), ref, job.id),
+                    )
+                )
+                return
+
+    async def _finish(self, job: Job, status: JobStatus, kind: ErrorKind, error: str) -> Job:
+        """End a job that produced nothing: record why, refund its hold, tell the user."""
+        now = self.clock()
+        await self.store.write(
+            (
+                "UPDATE jobs SET status = ?, cost_usd = 0, error = ?, error_kind = ?, "
+                "finished_at = ? WHERE id = ?",
+                (status.value, error, kind.value, now, job.id),
+            )
+        )
+        self.quotas.release(str(job.user), job.day, job.options.n, job.reserved_usd)
+        self._unhold(job)
+        job = replace(job, status=status, error=error, error_kind=kind.value, finished_at=now)
+        mark = {JobStatus.REFUSED: "refused", JobStatus.CANCELLED: "cancelled"}.get(
+            status, "failed"
+        )
+        log.info("✗ job=%s %s kind=%s %s", job.id, mark, kind.value, error)
+        if status is JobStatus.CANCELLED:
+            await self._emit(job, StatusKind.CANCELLED, "status.cancelled")
+        elif status is JobStatus.REFUSED:
+            reason = t(job.lang, "reason.refused")
+            await self._emit(job, StatusKind.REFUSED, "status.refused", reason=reason)
+        elif kind is ErrorKind.TIMEOUT:
+            await self._emit(job, StatusKind.TIMEOUT, "status.timeout")
+        else:
+            reason = t(job.lang, f"reason.{kind.value}")
+            await self._emit(job, StatusKind.FAILED, "status.failed", reason=reason)
+        self._check_idle()
+        return job
+
+    async def _emit(
+        self, job: Job, kind: StatusKind, key: str, percent: int | None = None, **params: object
+    ) -> None:
+        adapter = self.adapters.get(job.target.platform)
+        if adapter is None:
+            return
+        text = t(job.lang, key, job=job.id, percent=percent, **params)
+        update = StatusUpdate(kind=kind, text=text, percent=percent)
+        try:
+            await asyncio.wait_for(adapter.status(job, update), self.config.deliver_timeout)
+        except Exception:
+            log.warning("job=%s status %s not shown", job.id, kind, exc_info=True)
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def _hold(self, job: Job) -> None:
+        key = str(job.user)
+        self._jobs[job.id] = job
+        self._active_by_user[key] = self._active_by_user.get(key, 0) + 1
+
+    def _unhold(self, job: Job) -> None:
+        if self._jobs.pop(job.id, None) is None:
+            return
+        key = str(job.user)
+        left = self._active_by_user.get(key, 1) - 1
+        if left > 0:
+            self._active_by_user[key] = left
+        else:
+            self._active_by_user.pop(key, None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._background.discard(t)
+            self._check_idle()
+
+        task.add_done_callback(done)
+
+    def _find_active(self, user: UserRef, job_id: str | None) -> Job:
+        key = str(user)
+        admin = key in self.config.admin_ids
+        if job_id is None:
+            mine = [j for j in self._jobs.values() if str(j.user) == key]
+            if not mine:
+                raise JobNotFound("error.no_active_job")
+            return max(mine, key=lambda j: j.created_at)
+        job = self._jobs.get(job_id.lower())
+        if job is None or (str(job.user) != key and not admin):
+            raise JobNotFound(job=job_id)
+        return job
+
+
+class _Hooks:
+    """A job's line back from its provider: progress (coalesced) and the task id (persisted)."""
+
+    def __init__(self, engine: Engine, job: Job) -> None:
+        self._engine = engine
+        self._job = job
+        self.task_id = job.task_id
+        self._last = -100
+
+    async def progress(self, percent: int) -> None:
+        percent = max(0, min(100, int(percent)))
+        if percent - self._last < 5 and percent != 100:
+            return
+        self._last = percent
+        job = self._engine.active_job(self._job.id) or self._job
+        await self._engine._emit(job, StatusKind.PROGRESS, "status.progress", percent=percent)
+
+    async def task_submitted(self, task_id: str) -> None:
+        self.task_id = task_id
+        engine = self._engine
+        job = engine.active_job(self._job.id)
+        if job is not None:
+            engine._jobs[job.id] = replace(job, task_id=task_id)
+        await engine.store.write(
+            ("UPDATE jobs SET task_id = ? WHERE id = ?", (task_id, self._job.id))
+        )

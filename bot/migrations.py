@@ -1,0 +1,68 @@
+"""Versioned schema migrations for `drawbridge.db`; `PRAGMA user_version` records the last applied."""
+
+from __future__ import annotations
+
+# Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry: append a new
+# one, so that an old database opens in a new release.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE jobs (
+            id                TEXT PRIMARY KEY,
+            platform          TEXT NOT NULL,
+            user_id           TEXT NOT NULL,
+            chat_id           TEXT NOT NULL,
+            thread_id         TEXT,
+            reply_to          TEXT,
+            guild_id          TEXT,
+            target_meta       TEXT,
+            status_message_id TEXT,
+            lang              TEXT NOT NULL DEFAULT 'en',
+            prompt            TEXT NOT NULL,
+            model             TEXT NOT NULL,
+            provider          TEXT NOT NULL,
+            n_images          INTEGER NOT NULL,
+            aspect_ratio      TEXT,
+            size              TEXT,
+            seed              INTEGER,
+            refs              TEXT NOT NULL DEFAULT '[]',
+            status            TEXT NOT NULL CHECK (status IN
+                                ('queued','running','succeeded','failed','refused','cancelled')),
+            day               TEXT NOT NULL,
+            admin             INTEGER NOT NULL DEFAULT 0,
+            reserved_usd      REAL NOT NULL DEFAULT 0,
+            cost_usd          REAL NOT NULL DEFAULT 0,
+            error             TEXT,
+            error_kind        TEXT,
+            task_id           TEXT,
+            attempts          INTEGER NOT NULL DEFAULT 0,
+            created_at        REAL NOT NULL,
+            started_at        REAL,
+            finished_at       REAL,
+            delivered_at      REAL,
+            delivery_ref      TEXT,
+            delivery_attempts INTEGER NOT NULL DEFAULT 0,
+            parent_id         TEXT
+        )
+        """,
+        "CREATE INDEX jobs_active ON jobs(created_at) WHERE status IN ('queued','running')",
+        "CREATE INDEX jobs_user ON jobs(platform, user_id, created_at)",
+        "CREATE INDEX jobs_day ON jobs(day)",
+        "CREATE INDEX jobs_undelivered ON jobs(finished_at) "
+        "WHERE status = 'succeeded' AND delivered_at IS NULL",
+        """
+        CREATE TABLE images (
+            job_id     TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+            idx        INTEGER NOT NULL,
+            path       TEXT NOT NULL,
+            mime       TEXT NOT NULL,
+            width      INTEGER NOT NULL,
+            height     INTEGER NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            PRIMARY KEY (job_id, idx)
+        )
+        """,
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

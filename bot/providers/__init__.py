@@ -1,0 +1,1 @@
+"""Image providers behind one protocol; `base` holds the seam, each module one API."""

@@ -1,0 +1,45 @@
+"""The retry policy for provider calls: only retryable kinds, Retry-After honoured, jittered backoff."""
+
+from __future__ import annotations
+
+import random
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_base, wait_exponential_jitter
+
+from bot.errors import ProviderError
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, ProviderError) and exc.retryable
+
+
+class wait_retry_after(wait_base):
+    """Wait what the provider asked for (plus a little jitter), else back off exponentially."""
+
+    def __init__(self, fallback: wait_base, cap: float) -> None:
+        self.fallback = fallback
+        self.cap = cap
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None and outcome.failed else None
+        hint = exc.retry_after if isinstance(exc, ProviderError) else None
+        if hint is not None and hint > 0:
+            # Jitter keeps many jobs told "retry in 2 s" from all coming back in the same instant.
+            return float(min(self.cap, hint + random.uniform(0, 0.1 * hint + 0.05)))
+        return float(min(self.cap, self.fallback(retry_state)))
+
+
+def provider_retrying(
+    attempts: int = 4, initial: float = 1.0, max_wait: float = 30.0, cap: float = 120.0
+) -> AsyncRetrying:
+    """A tenacity policy for one job's generation stage (the stage timeout bounds it overall)."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_retryable),
+        wait=wait_retry_after(
+            wait_exponential_jitter(multiplier=initial, max=max_wait, jitter=initial), cap
+        ),
+        stop=stop_after_attempt(attempts),
+        reraise=True,
+    )

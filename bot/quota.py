@@ -1,0 +1,110 @@
+"""Daily quotas and the operator's budget: reserved at submit, settled on success, released otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from bot.errors import BudgetExceeded, QuotaExceeded
+from bot.store import DayTotals
+
+# Dollar sums are floats; compare with a tolerance so that 0.1 + 0.2 fits a 0.3 limit.
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-day limits; 0 means unlimited."""
+
+    user_images: int = 0
+    user_usd: float = 0.0
+    budget_usd: float = 0.0
+
+
+@dataclass(slots=True)
+class _Tally:
+    images: int = 0
+    usd: float = 0.0
+
+
+class Quotas:
+    """Counts held (reserved) and spent images and dollars per user and day.
+
+    The `jobs` table is the truth; these counters are rebuilt from it at start (`load`). Checks
+    and reservations happen without an `await` in between, so of many concurrent submits for the
+    last slot exactly one passes.
+    """
+
+    def __init__(self, limits: Limits, tz: ZoneInfo, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self._tz = tz
+        self._clock = clock
+        self._days: dict[str, dict[str, _Tally]] = {}
+        self._totals: dict[str, float] = {}
+
+    def today(self) -> str:
+        return self.day_of(self._clock())
+
+    def day_of(self, ts: float) -> str:
+        """The quota day (in QUOTA_TZ) that a timestamp falls in."""
+        return datetime.fromtimestamp(ts, self._tz).date().isoformat()
+
+    def load(self, day: str, totals: Iterable[DayTotals]) -> None:
+        users = self._days.setdefault(day, {})
+        for row in totals:
+            tally = users.setdefault(f"{row.platform}:{row.user_id}", _Tally())
+            tally.images += row.images
+            tally.usd += row.usd
+            self._totals[day] = self._totals.get(day, 0.0) + row.usd
+
+    def used(self, user: str, day: str) -> tuple[int, float]:
+        tally = self._days.get(day, {}).get(user)
+        return (tally.images, tally.usd) if tally else (0, 0.0)
+
+    def spent_total(self, day: str) -> float:
+        return self._totals.get(day, 0.0)
+
+    def reserve(self, user: str, day: str, images: int, usd: float, *, exempt: bool) -> None:
+        """Hold `images` and `usd` for a new job, or raise if a limit would be passed."""
+        self._prune(day)
+        users = self._days.setdefault(day, {})
+        tally = users.get(user) or _Tally()
+        lim = self.limits
+        if not exempt:
+            if lim.user_images and tally.images + images > lim.user_images:
+                raise QuotaExceeded("error.quota_images", used=tally.images, limit=lim.user_images)
+            if lim.user_usd and tally.usd + usd > lim.user_usd + _EPS:
+                raise QuotaExceeded(
+                    "error.quota_usd", used=f"{tally.usd:.2f}", limit=f"{lim.user_usd:.2f}"
+                )
+            if lim.budget_usd and self._totals.get(day, 0.0) + usd > lim.budget_usd + _EPS:
+                raise BudgetExceeded()
+        users[user] = tally
+        tally.images += images
+        tally.usd += usd
+        self._totals[day] = self._totals.get(day, 0.0) + usd
+
+    def release(self, user: str, day: str, images: int, usd: float) -> None:
+        """Give back what a job held: it failed, was refused, cancelled or timed out."""
+        tally = self._days.get(day, {}).get(user)
+        if tally is None:
+            return  # a day that has rolled out of memory: nothing left to check against
+        tally.images = max(0, tally.images - images)
+        tally.usd = max(0.0, tally.usd - usd)
+        self._totals[day] = max(0.0, self._totals.get(day, 0.0) - usd)
+
+    def settle(
+        self, user: str, day: str, reserved: tuple[int, float], charged: tuple[int, float]
+    ) -> None:
+        """Turn a reservation into the charge: the job may have made fewer images than held."""
+        self.release(user, day, reserved[0] - charged[0], reserved[1] - charged[1])
+
+    def _prune(self, today: str) -> None:
+        # Keep yesterday too: jobs reserved before midnight still settle against it.
+        if len(self._days) > 2:
+            for day in sorted(self._days)[:-2]:
+                if day != today:
+                    self._days.pop(day, None)
+                    self._totals.pop(day, None)

@@ -1,0 +1,204 @@
+"""Settings from the environment and `.env` (the environment wins), validated once at start-up.
+
+Every name of the contract's settings table is a field here, spelled as its environment variable
+in upper case. A bad value raises `SettingsError` with one line naming the variable; a secret's
+value never appears in that line, in `repr`, or in the logs (see `secret_values`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from bot.errors import SettingsError
+
+IdSet = frozenset[str]
+
+
+class Settings(BaseModel):
+    """The validated settings; field names are the environment variables in lower case."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", hide_input_in_errors=True, populate_by_name=True
+    )
+
+    data_dir: Path = Field(Path("data"), alias="DRAWBRIDGE_DATA_DIR")
+
+    telegram_bot_token: SecretStr | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+    telegram_webhook_url: str | None = None
+    telegram_webhook_secret: SecretStr | None = None
+
+    discord_bot_token: SecretStr | None = None
+    discord_api_url: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+    discord_guild_ids: IdSet = frozenset()
+
+    grsai_api_key: SecretStr | None = None
+    grsai_base_url: str = "https://grsaiapi.com"
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str = "https://api.openai.com/v1"
+    gemini_api_key: SecretStr | None = None
+    gemini_base_url: str = "https://generativelanguage.googleapis.com/v1beta"
+
+    default_model: str | None = None
+    models_file: Path | None = None
+    concurrency: int = Field(16, ge=1, le=10_000)
+    queue_max: int = Field(200, ge=1, le=1_000_000)
+    max_pending_per_user: int = Field(3, ge=1, le=100_000)
+    quota_user_daily_images: int = Field(20, ge=0)
+    quota_user_daily_usd: float = Field(0.0, ge=0)
+    budget_daily_usd: float = Field(0.0, ge=0)
+    admin_ids: IdSet = frozenset()
+    allowed_ids: IdSet = frozenset()
+    quota_tz: str = "UTC"
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    public_url: str | None = None
+
+    max_prompt_chars: int = Field(2000, ge=1, le=100_000)
+    generate_timeout: float = Field(600.0, gt=0)
+    deliver_timeout: float = Field(120.0, gt=0)
+    queue_timeout: float = Field(3600.0, gt=0)
+    shutdown_grace: float = Field(20.0, ge=0)
+    demo_latency: float = Field(0.0, ge=0, le=3600)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["plain", "json"] = "plain"
+
+    @field_validator("discord_guild_ids", "admin_ids", "allowed_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return frozenset(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("admin_ids", "allowed_ids")
+    @classmethod
+    def _check_ids(cls, value: IdSet) -> IdSet:
+        for item in value:
+            kind, _, ident = item.partition(":")
+            if not kind or not ident:
+                raise ValueError(f"{item!r} is not platform:id (like telegram:123)")
+        return value
+
+    @field_validator("quota_tz")
+    @classmethod
+    def _check_tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator(
+        "telegram_api_url",
+        "telegram_webhook_url",
+        "discord_api_url",
+        "discord_gateway_url",
+        "grsai_base_url",
+        "openai_base_url",
+        "gemini_base_url",
+        "public_url",
+    )
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ValueError(f"{value!r} is not an http(s) or ws(s) URL")
+        return value.rstrip("/") if not value.startswith(("ws://", "wss://")) else value
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.quota_tz)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "drawbridge.db"
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log filter that redacts them."""
+        secrets = (
+            self.telegram_bot_token,
+            self.telegram_webhook_secret,
+            self.discord_bot_token,
+            self.grsai_api_key,
+            self.openai_api_key,
+            self.gemini_api_key,
+        )
+        return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
+
+    def configured_providers(self) -> list[str]:
+        """Paid providers with a key, in the order the contract lists them."""
+        keys = (
+            ("grsai", self.grsai_api_key),
+            ("openai", self.openai_api_key),
+            ("gemini", self.gemini_api_key),
+        )
+        return [name for name, key in keys if key is not None]
+
+    def admin(self, *ids: str) -> bool:
+        return any(i in self.admin_ids for i in ids)
+
+    def allowed(self, *ids: str) -> bool:
+        return not self.allowed_ids or any(i in self.allowed_ids for i in ids)
+
+
+def _env_name(name: str, field: Any) -> str:
+    alias = getattr(field, "alias", None)
+    return alias if isinstance(alias, str) else name.upper()
+
+
+ENV_NAMES: dict[str, str] = {
+    name: _env_name(name, field) for name, field in Settings.model_fields.items()
+}
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> Settings:
+    """Read `.env` (when it exists), let the environment override it, validate everything."""
+    values: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        try:
+            loaded = dotenv_values(env_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"{env_file}: cannot read ({exc.__class__.__name__})") from None
+        values.update({k: v for k, v in loaded.items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+    data: dict[str, str] = {}
+    for name, env in ENV_NAMES.items():
+        raw = values.get(env)
+        if raw is not None and raw.strip():  # empty means unset
+            data[env if env != name.upper() else name] = raw.strip()
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(_first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors(include_input=False, include_url=False)[0]
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    env = ENV_NAMES.get(field, field.upper())
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{env}: {message}"

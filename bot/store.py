@@ -1,0 +1,344 @@
+"""The durable store: SQLite for jobs and images (one writer, one reader), image files on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiosqlite
+
+from bot.dbwriter import GroupWriter, Op
+from bot.images import extension_for
+from bot.jobs import GeneratedImage, Job, JobStatus, Options, StoredImage, Target, UserRef
+from bot.migrations import MIGRATIONS
+
+log = logging.getLogger(__name__)
+
+_JOB_COLUMNS = (
+    "id, platform, user_id, chat_id, thread_id, reply_to, guild_id, target_meta, status_message_id, "
+    "lang, prompt, model, provider, n_images, aspect_ratio, size, seed, refs, status, day, admin, "
+    "reserved_usd, cost_usd, error, error_kind, task_id, created_at, started_at, finished_at, "
+    "delivered_at, parent_id"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Images and spend of one user, model and day, as `drawbridge usage` reports them."""
+
+    day: str
+    platform: str
+    user_id: str
+    model: str
+    jobs: int
+    succeeded: int
+    images: int
+    cost_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class DayTotals:
+    """What one user has used or holds reserved on one day: the base the quotas are checked on."""
+
+    platform: str
+    user_id: str
+    images: int
+    usd: float
+
+
+class Store:
+    """Jobs, images and usage, persisted. Open with `async with Store.open(dir)` or `await open`."""
+
+    def __init__(
+        self, data_dir: Path, writer_db: aiosqlite.Connection, reader_db: aiosqlite.Connection
+    ):
+        self.data_dir = data_dir
+        self.images_dir = data_dir / "images"
+        self.refs_dir = data_dir / "refs"
+        self._wdb = writer_db
+        self._rdb = reader_db
+        self._writer = GroupWriter(writer_db)
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> Store:
+        await asyncio.to_thread(_make_dirs, data_dir)
+        path = data_dir / "drawbridge.db"
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves (see reference/platforms.md §C).
+        wdb = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
+        try:
+            for pragma in (
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=NORMAL",
+                "PRAGMA busy_timeout=5000",
+                "PRAGMA foreign_keys=ON",
+            ):
+                await wdb.execute(pragma)
+            await _migrate(wdb)
+            rdb = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
+        except BaseException:
+            await wdb.close()
+            raise
+        rdb.row_factory = aiosqlite.Row
+        await rdb.execute("PRAGMA busy_timeout=5000")
+        store = cls(data_dir, wdb, rdb)
+        store._writer.start()
+        return store
+
+    async def close(self) -> None:
+        """Flush pending writes and close both connections; always reached, even after errors."""
+        try:
+            await self._writer.stop()
+            await self._wdb.execute("PRAGMA optimize")
+        finally:
+            await self._rdb.close()
+            await self._wdb.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ---- writes -------------------------------------------------------------------------
+
+    async def write(self, *ops: Op) -> None:
+        """Commit statements as one atomic unit (group-committed with concurrent callers)."""
+        await self._writer.run(*ops)
+
+    async def insert_job(self, job: Job) -> None:
+        await self.write(insert_job_op(job))
+
+    async def save_reference_images(self, job_id: str, images: Sequence[bytes]) -> tuple[str, ...]:
+        """Keep a job's reference images on disk, so a restart can still send them."""
+        paths = [self.refs_dir / f"{job_id}-{i}" for i in range(len(images))]
+        await asyncio.to_thread(_write_files, list(zip(paths, images, strict=True)))
+        return tuple(str(p.relative_to(self.data_dir)) for p in paths)
+
+    async def load_reference_images(self, paths: Sequence[str]) -> tuple[bytes, ...]:
+        return tuple(
+            await asyncio.to_thread(lambda: [(self.data_dir / p).read_bytes() for p in paths])
+        )
+
+    async def write_images(
+        self, job_id: str, images: Sequence[GeneratedImage]
+    ) -> list[StoredImage]:
+        """Write image files (not yet recorded: `succeed_ops` records them with the job's outcome)."""
+        folder = self.images_dir / job_id[:2]
+        stored = [
+            StoredImage(
+                job_id=job_id,
+                index=i,
+                path=folder / f"{job_id}-{i}{extension_for(img.mime)}",
+                mime=img.mime,
+                width=img.width,
+                height=img.height,
+                size_bytes=len(img.data),
+            )
+            for i, img in enumerate(images)
+        ]
+        await asyncio.to_thread(
+            _write_files, [(s.path, img.data) for s, img in zip(stored, images, strict=True)]
+        )
+        return stored
+
+    def image_ops(self, images: Iterable[StoredImage]) -> list[Op]:
+        return [
+            (
+                "INSERT OR REPLACE INTO images (job_id, idx, path, mime, width, height, size_bytes)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (
+                    s.job_id,
+                    s.index,
+                    str(s.path.relative_to(self.data_dir)),
+                    s.mime,
+                    s.width,
+                    s.height,
+                    s.size_bytes,
+                ),
+            )
+            for s in images
+        ]
+
+    # ---- reads --------------------------------------------------------------------------
+
+    async def _select_jobs(self, where: str, params: Sequence[Any] = ()) -> list[Job]:
+        rows = await self._rdb.execute_fetchall(f"SELECT {_JOB_COLUMNS} FROM jobs {where}", params)
+        return [_row_to_job(r) for r in rows]
+
+    async def get_job(self, job_id: str) -> Job | None:
+        jobs = await self._select_jobs("WHERE id = ?", (job_id,))
+        return jobs[0] if jobs else None
+
+    async def unfinished_jobs(self) -> list[Job]:
+        """Queued and running jobs, oldest first: what a restart must resume."""
+        return await self._select_jobs(
+            "WHERE status IN ('queued','running') ORDER BY created_at, rowid"
+        )
+
+    async def undelivered_jobs(self, max_attempts: int) -> list[Job]:
+        """Succeeded jobs whose images never reached the chat."""
+        return await self._select_jobs(
+            "WHERE status = 'succeeded' AND delivered_at IS NULL AND delivery_attempts < ? "
+            "ORDER BY finished_at",
+            (max_attempts,),
+        )
+
+    async def recent_jobs(self, user: UserRef, limit: int = 10) -> list[Job]:
+        return await self._select_jobs(
+            "WHERE platform = ? AND user_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (user.platform, user.user_id, limit),
+        )
+
+    async def images_for(self, job_id: str) -> list[StoredImage]:
+        rows = await self._rdb.execute_fetchall(
+            "SELECT idx, path, mime, width, height, size_bytes FROM images WHERE job_id = ? "
+            "ORDER BY idx",
+            (job_id,),
+        )
+        return [
+            StoredImage(job_id, r[0], self.data_dir / r[1], r[2], r[3], r[4], r[5]) for r in rows
+        ]
+
+    async def day_totals(self, day: str) -> list[DayTotals]:
+        """Per user: images and dollars held (queued, running) or spent (succeeded) on `day`."""
+        rows = await self._rdb.execute_fetchall(
+            "SELECT platform, user_id, SUM(n_images), "
+            "SUM(CASE WHEN status = 'succeeded' THEN cost_usd ELSE reserved_usd END) "
+            "FROM jobs WHERE day = ? AND status IN ('queued','running','succeeded') "
+            "GROUP BY platform, user_id",
+            (day,),
+        )
+        return [DayTotals(r[0], r[1], int(r[2] or 0), float(r[3] or 0.0)) for r in rows]
+
+    async def usage(self, since_day: str | None = None) -> list[UsageRow]:
+        where, params = ("WHERE day >= ?", (since_day,)) if since_day else ("", ())
+        rows = await self._rdb.execute_fetchall(
+            "SELECT day, platform, user_id, model, COUNT(*), "
+            "SUM(status = 'succeeded'), SUM(CASE WHEN status = 'succeeded' THEN n_images ELSE 0 END), "
+            f"SUM(cost_usd) FROM jobs {where} GROUP BY day, platform, user_id, model "
+            "ORDER BY day, platform, user_id, model",
+            params,
+        )
+        return [
+            UsageRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7] or 0.0))
+            for r in rows
+        ]
+
+
+def insert_job_op(job: Job) -> Op:
+    t, o = job.target, job.options
+    return (
+        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 31)})",
+        (
+            job.id,
+            job.user.platform,
+            job.user.user_id,
+            t.chat_id,
+            t.thread_id,
+            t.reply_to,
+            t.guild_id,
+            t.meta,
+            job.status_message_id,
+            job.lang,
+            job.prompt,
+            job.model,
+            job.provider,
+            o.n,
+            o.aspect_ratio,
+            o.size,
+            o.seed,
+            json.dumps(list(job.reference_paths)),
+            str(job.status),
+            job.day,
+            int(job.admin),
+            job.reserved_usd,
+            job.cost_usd,
+            job.error,
+            job.error_kind,
+            job.task_id,
+            job.created_at,
+            job.started_at,
+            job.finished_at,
+            job.delivered_at,
+            job.parent_id,
+        ),
+    )
+
+
+def _row_to_job(r: Any) -> Job:
+    return Job(
+        id=r["id"],
+        user=UserRef(r["platform"], r["user_id"]),
+        target=Target(
+            platform=r["platform"],
+            chat_id=r["chat_id"],
+            thread_id=r["thread_id"],
+            reply_to=r["reply_to"],
+            guild_id=r["guild_id"],
+            meta=r["target_meta"],
+        ),
+        prompt=r["prompt"],
+        model=r["model"],
+        provider=r["provider"],
+        options=Options(
+            aspect_ratio=r["aspect_ratio"], n=r["n_images"], size=r["size"], seed=r["seed"]
+        ),
+        status=JobStatus(r["status"]),
+        lang=r["lang"],
+        day=r["day"],
+        created_at=r["created_at"],
+        reserved_usd=r["reserved_usd"],
+        admin=bool(r["admin"]),
+        reference_paths=tuple(json.loads(r["refs"])),
+        task_id=r["task_id"],
+        cost_usd=r["cost_usd"],
+        error=r["error"],
+        error_kind=r["error_kind"],
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+        delivered_at=r["delivered_at"],
+        status_message_id=r["status_message_id"],
+        parent_id=r["parent_id"],
+    )
+
+
+def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:
+    for path, data in items:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # never leave a half-written image under its real name
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"database schema version {version} is newer than this release ({len(MIGRATIONS)})"
+        )
+    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql in statements:
+                await db.execute(sql)
+            await db.execute(f"PRAGMA user_version = {number}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        log.info("database migrated to schema version %d", number)
+
+
+def _make_dirs(data_dir: Path) -> None:
+    for folder in (data_dir, data_dir / "images", data_dir / "refs"):
+        folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,67 @@
+"""Checks a request against the catalog before anything is reserved: model, options, prompt, images."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from bot.catalog import Catalog, ModelSpec
+from bot.errors import InvalidRequest
+from bot.images import sniff_mime
+from bot.jobs import Options, Request
+
+MAX_SEED = 2**32 - 1
+MAX_REFERENCE_BYTES = 20_000_000
+
+
+def validate_request(
+    request: Request,
+    catalog: Catalog,
+    default_model: str,
+    providers: Collection[str],
+    max_prompt_chars: int,
+) -> tuple[ModelSpec, str, Options]:
+    """The model, the cleaned prompt and the options with the model's defaults filled in."""
+    prompt = " ".join(request.prompt.split())
+    if not prompt:
+        raise InvalidRequest("error.empty_prompt")
+    if len(prompt) > max_prompt_chars:
+        raise InvalidRequest("error.prompt_too_long", length=len(prompt), max=max_prompt_chars)
+    name = request.model or default_model
+    spec = catalog.get(name)
+    if spec is None:
+        raise InvalidRequest("error.unknown_model", model=name)
+    if spec.provider not in providers:
+        raise InvalidRequest("error.model_unavailable", model=spec.name)
+    o = request.options
+    if not 1 <= o.n <= spec.max_images:
+        raise InvalidRequest(
+            "error.too_many_images", value=o.n, model=spec.name, max=spec.max_images
+        )
+    ratio = o.aspect_ratio or spec.default_aspect_ratio
+    if ratio not in spec.aspect_ratios:
+        allowed = ", ".join(spec.aspect_ratios)
+        raise InvalidRequest(
+            "error.ratio_not_supported", value=ratio, model=spec.name, allowed=allowed
+        )
+    size = spec.default_size
+    if o.size is not None:
+        size = next((s for s in spec.sizes if s.lower() == o.size.lower()), None)
+        if size is None:
+            allowed = ", ".join(spec.sizes) or "-"
+            raise InvalidRequest(
+                "error.size_not_supported", value=o.size, model=spec.name, allowed=allowed
+            )
+    if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
+        raise InvalidRequest("error.bad_seed", value=o.seed)
+    refs = request.reference_images
+    if refs:
+        if not spec.reference_images:
+            raise InvalidRequest("error.refs_not_supported", model=spec.name)
+        if len(refs) > spec.max_reference_images:
+            raise InvalidRequest(
+                "error.too_many_refs", model=spec.name, max=spec.max_reference_images
+            )
+        for data in refs:
+            if len(data) > MAX_REFERENCE_BYTES or sniff_mime(data) is None:
+                raise InvalidRequest("error.reference_unreadable")
+    return spec, prompt, Options(aspect_ratio=ratio, n=o.n, size=size, seed=o.seed)

@@ -1,0 +1,108 @@
+"""In-tree fakes for engine tests: a recording adapter and a scriptable provider (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from bot.adapter import StatusKind, StatusUpdate
+from bot.errors import DeliveryError
+from bot.jobs import GeneratedImage, Job, StoredImage, Target
+from bot.providers.base import GenerationRequest, JobHooks
+
+
+def png_bytes(
+    width: int = 8, height: int = 8, color: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class RecordingAdapter:
+    """Remembers every status update and delivery, as a platform would show them."""
+
+    platform: str = "test"
+    statuses: list[tuple[str, StatusUpdate]] = field(default_factory=list)
+    deliveries: list[tuple[str, list[StoredImage]]] = field(default_factory=list)
+    notices: list[tuple[Target, str]] = field(default_factory=list)
+    fail_deliveries: int = 0
+    permanent_failure: bool = False
+    deliver_delay: float = 0.0
+
+    async def deliver(self, job: Job, images: Sequence[StoredImage]) -> str:
+        if self.deliver_delay:
+            await asyncio.sleep(self.deliver_delay)
+        if self.fail_deliveries:
+            self.fail_deliveries -= 1
+            raise DeliveryError("platform said no", permanent=self.permanent_failure)
+        self.deliveries.append((job.id, list(images)))
+        return f"msg-{job.id}"
+
+    async def status(self, job: Job, update: StatusUpdate) -> None:
+        self.statuses.append((job.id, update))
+
+    async def notify(self, target: Target, text: str) -> None:
+        self.notices.append((target, text))
+
+    def kinds(self, job_id: str) -> list[StatusKind]:
+        return [u.kind for j, u in self.statuses if j == job_id]
+
+    def delivered(self, job_id: str) -> int:
+        return sum(1 for j, _ in self.deliveries if j == job_id)
+
+
+Behaviour = Callable[[GenerationRequest, JobHooks], "asyncio.Future[None] | None"]
+
+
+class ScriptedProvider:
+    """A provider whose calls a test controls: gates, failures, task ids; it counts everything."""
+
+    name = "demo"
+
+    def __init__(self) -> None:
+        self.calls: list[GenerationRequest] = []
+        self.started: list[str] = []
+        self.running = 0
+        self.max_running = 0
+        self.gate: asyncio.Event | None = None  # when set, every call waits for it
+        self.errors: dict[str, list[Exception]] = {}  # prompt → errors to raise, in order
+        self.task_ids = False  # when True, report a task id before waiting
+        self.hang_prompts: set[str] = set()
+        self.progress_steps: Sequence[int] = ()
+
+    async def generate(self, request: GenerationRequest, hooks: JobHooks) -> list[GeneratedImage]:
+        self.calls.append(request)
+        self.started.append(request.job_id)
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            if self.task_ids and request.task_id is None:
+                await hooks.task_submitted(f"task-{request.job_id}")
+            for step in self.progress_steps:
+                await hooks.progress(step)
+            if request.prompt in self.hang_prompts:
+                await asyncio.Event().wait()
+            if self.gate is not None:
+                await self.gate.wait()
+            errors = self.errors.get(request.prompt)
+            if errors:
+                raise errors.pop(0)
+            return [
+                GeneratedImage(png_bytes(color=(i * 40 % 255, 90, 10)), "image/png", 8, 8)
+                for i in range(request.n)
+            ]
+        finally:
+            self.running -= 1
+
+    async def aclose(self) -> None:
+        return None
+
+    def submits(self) -> int:
+        """Calls that were new submissions (not resumes of a known task)."""
+        return sum(1 for c in self.calls if c.task_id is None)
