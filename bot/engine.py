@@ -611,7 +611,7 @@ class _Hooks:
         job = self._engine.active_job(self._job.id) or self._job
         await self._engine._emit(job, StatusKind.PROGRESS, "status.progress", percent=percent)
 
-    async def task_submitted(self, task_id: str) -> None:
+    async def task_submitted(self, task_id: str | None) -> None:
         self.task_id = task_id
         engine = self._engine
         job = engine.active_job(self._job.id)

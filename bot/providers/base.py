@@ -36,8 +36,11 @@ class JobHooks(Protocol):
     async def progress(self, percent: int) -> None:
         """Report progress, 0–100; the engine coalesces and forwards it."""
 
-    async def task_submitted(self, task_id: str) -> None:
-        """Persist the provider's task id at once, so a restart resumes instead of paying again."""
+    async def task_submitted(self, task_id: str | None) -> None:
+        """Persist the provider's task id at once, so a restart resumes instead of paying again.
+
+        `None` forgets a task that ended in a retryable failure, so the next attempt submits anew.
+        """
 
 
 class Provider(Protocol):
@@ -59,5 +62,5 @@ class NullHooks:
     async def progress(self, percent: int) -> None:
         return None
 
-    async def task_submitted(self, task_id: str) -> None:
+    async def task_submitted(self, task_id: str | None) -> None:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
-from tenacity.wait import wait_base, wait_exponential_jitter
+from tenacity.wait import wait_base, wait_exponential, wait_random
 
 from bot.errors import ProviderError
 
@@ -38,7 +38,7 @@ def provider_retrying(
     return AsyncRetrying(
         retry=retry_if_exception(is_retryable),
         wait=wait_retry_after(
-            wait_exponential_jitter(multiplier=initial, max=max_wait, jitter=initial), cap
+            wait_exponential(multiplier=initial, max=max_wait) + wait_random(0, initial), cap
         ),
         stop=stop_after_attempt(attempts),
         reraise=True,

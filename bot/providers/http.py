@@ -1,0 +1,111 @@
+"""HTTP plumbing every provider client shares: sessions, Retry-After, result downloads.
+
+Provider clients call their APIs with aiohttp and map each failure to one `ProviderError` kind;
+the engine's retry policy (`bot.providers.retry`) decides what to try again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import time
+from collections.abc import Mapping
+
+import aiohttp
+
+from bot import __version__
+from bot.errors import BadRequest, Expired, ProviderError, RateLimited, Transient
+from bot.images import MAX_IMAGE_BYTES, sniff_mime, verify_image
+from bot.jobs import GeneratedImage
+
+USER_AGENT = f"drawbridge/{__version__}"
+
+
+def new_session(timeout_s: float = 600.0) -> aiohttp.ClientSession:
+    """A session for one provider: one connection pool, no global timeout beyond `timeout_s`."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=30)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        timeout=timeout, connector=connector, headers={"User-Agent": USER_AGENT}
+    )
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from `Retry-After` (seconds or an HTTP date) or `retry-after-ms`."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def status_error(status: int, message: str, headers: Mapping[str, str]) -> ProviderError:
+    """The generic mapping of an HTTP status; clients refine it from the body first."""
+    retry_after = parse_retry_after(headers)
+    if status == 429:
+        return RateLimited(message, retry_after=retry_after)
+    if status in (408, 409, 425) or status >= 500:
+        return Transient(message, retry_after=retry_after)
+    return BadRequest(message)
+
+
+async def download(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    timeout_s: float = 120.0,
+) -> GeneratedImage:
+    """Fetch a result URL at once and verify it; an expired or broken URL is a clear failure."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status in (403, 404, 410):
+                raise Expired(f"the result URL answered {resp.status}: it has expired")
+            if resp.status >= 400:
+                raise status_error(
+                    resp.status, f"result download: HTTP {resp.status}", resp.headers
+                )
+            if resp.content_length is not None and resp.content_length > max_bytes:
+                raise Transient(f"the result is {resp.content_length} bytes, over the cap")
+            data = bytearray()
+            async for chunk in resp.content.iter_chunked(65536):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise Transient("the result is over the size cap")
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise Transient(f"result download failed ({exc.__class__.__name__})") from None
+    return verify_image(bytes(data), max_bytes)
+
+
+def decode_base64_image(data: str, max_bytes: int = MAX_IMAGE_BYTES) -> GeneratedImage:
+    """A base64 (or `data:` URI) image from a JSON body, verified."""
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    if len(data) > max_bytes * 4 // 3 + 4:
+        raise Transient("the returned image is over the size cap")
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        raise Transient("the provider returned broken base64") from None
+    return verify_image(raw, max_bytes)
+
+
+def data_uri(image: bytes) -> str:
+    """A reference image as a `data:` URI, the way GrsAI and OpenRouter take them."""
+    mime = sniff_mime(image) or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(image).decode()}"
