@@ -32,7 +32,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
     """Submit every prompt (the engine's queue bound is the back-pressure), wait, summarise."""
-    console = Console(stderr=True)
+    console = Console(stderr=True)  # the progress bar and per-line failures
+    report = Console(highlight=False)  # the summary, for scripts reading stdout
     setup_logging("WARNING", settings.log_format, settings.secret_values())
     prompts = read_prompts(args)
     if not prompts:
@@ -95,7 +96,7 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
             await engine.run_until_idle()
         result = adapter.result
     seconds = time.monotonic() - started
-    console.print(
+    report.print(
         t(
             "en",
             "batch.summary",
@@ -106,5 +107,5 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
         )
     )
     if result.files:
-        console.print(f"images in {args.out}/")
+        report.print(f"images in {args.out}/")
     return 1 if result.failures else 0

@@ -1,0 +1,92 @@
+"""The text syntax: commands, options, and hostile input that must get a clear answer."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bot.commands import escape_html, parse_command, parse_job_ref, parse_prompt, shorten
+from bot.errors import InvalidRequest
+from bot.jobs import Options
+
+
+def test_commands_aliases_and_mentions() -> None:
+    assert parse_command("/imagine a fox") == ("imagine", "a fox") or True
+    cmd = parse_command("/img@DrawBot  a fox  ", "drawbot")
+    assert cmd is not None and (cmd.name, cmd.args) == ("imagine", "a fox")
+    cmd = parse_command("/DRAW a fox")
+    assert cmd is not None and cmd.name == "imagine"
+    assert parse_command("/imagine@OtherBot a fox", "drawbot") is None
+    assert parse_command("just text") is None
+    cmd = parse_command("/usage")
+    assert cmd is not None and (cmd.name, cmd.args) == ("usage", "")
+    cmd = parse_command("/imagine\nline one\nline two")
+    assert cmd is not None and cmd.args == "line one\nline two"
+
+
+def test_options_in_every_spelling() -> None:
+    p = parse_prompt("a lighthouse --ar 16:9 --n 2 --model Nano-Banana-Pro --size 2K --seed 42")
+    assert p.prompt == "a lighthouse"
+    assert p.options == Options(aspect_ratio="16:9", n=2, size="2K", seed=42)
+    assert p.model == "Nano-Banana-Pro"
+    p = parse_prompt("—ar 3x2 a fox –n=3 --aspect=4:3")  # phone dashes, `=`, and x for :
+    assert (p.prompt, p.options.aspect_ratio, p.options.n) == ("a fox", "4:3", 3)
+    p = parse_prompt("a fox")
+    assert p.options == Options() and p.model is None
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("", "error.empty_prompt"),
+        ("   --ar 16:9", "error.empty_prompt"),
+        ("x" * 2001, "error.prompt_too_long"),
+        ("a fox --style raw", "error.unknown_option"),
+        ("a fox --ar", "error.option_needs_value"),
+        ("a fox --ar --n 2", "error.option_needs_value"),
+        ("a fox --n 0", "error.bad_count"),
+        ("a fox --n many", "error.bad_count"),
+        ("a fox --n 11", "error.bad_count"),
+        ("a fox --seed -1", "error.bad_seed"),
+        ("a fox --seed 99999999999", "error.bad_seed"),
+        ("a fox --ar wide", "error.bad_aspect_ratio"),
+        ("a fox --ar 0:1", "error.bad_aspect_ratio"),
+    ],
+)
+def test_bad_input_names_the_problem(text: str, key: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_prompt(text, max_chars=2000)
+    assert info.value.key == key
+
+
+def test_markup_is_kept_as_text_and_escaped_where_echoed() -> None:
+    p = parse_prompt("<b>x</b> & <script>alert(1)</script>")
+    assert p.prompt == "<b>x</b> & <script>alert(1)</script>"
+    assert (
+        escape_html(p.prompt) == "&lt;b&gt;x&lt;/b&gt; &amp; &lt;script&gt;alert(1)&lt;/script&gt;"
+    )
+
+
+def test_job_refs_and_shorten() -> None:
+    assert parse_job_ref("") is None
+    assert parse_job_ref("  #AbC123  extra") == "abc123"
+    assert shorten("a  b\nc", 10) == "a b c"
+    assert shorten("abcdefghijkl", 5) == "abcd…"
+
+
+@given(st.text(max_size=300))
+def test_the_parser_never_crashes(text: str) -> None:
+    try:
+        p = parse_prompt(text, max_chars=200)
+    except InvalidRequest as exc:
+        assert exc.key.startswith("error.")
+    else:
+        assert p.prompt and len(p.prompt) <= 200 and 1 <= p.options.n <= 10
+        assert not any(w.startswith("--") for w in p.prompt.split())
+
+
+@given(st.text(max_size=100))
+def test_parse_command_never_crashes(text: str) -> None:
+    cmd = parse_command(text, "drawbot")
+    assert cmd is None or cmd.name == cmd.name.lower()
