@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,37 +57,36 @@ class Store:
     """Jobs, images and usage, persisted. Open with `async with Store.open(dir)` or `await open`."""
 
     def __init__(
-        self, data_dir: Path, writer_db: aiosqlite.Connection, reader_db: aiosqlite.Connection
-    ):
+        self, data_dir: Path, writer: GroupWriter, reader_db: aiosqlite.Connection
+    ) -> None:
         self.data_dir = data_dir
         self.images_dir = data_dir / "images"
         self.refs_dir = data_dir / "refs"
-        self._wdb = writer_db
         self._rdb = reader_db
-        self._writer = GroupWriter(writer_db)
+        self._writer = writer
 
     @classmethod
     async def open(cls, data_dir: Path) -> Store:
         await asyncio.to_thread(_make_dirs, data_dir)
         path = data_dir / "drawbridge.db"
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves (see reference/platforms.md §C).
-        wdb = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
-        try:
-            for pragma in (
+        writer = await GroupWriter.open(
+            path,
+            (
                 "PRAGMA journal_mode=WAL",
                 "PRAGMA synchronous=NORMAL",
                 "PRAGMA busy_timeout=5000",
                 "PRAGMA foreign_keys=ON",
-            ):
-                await wdb.execute(pragma)
-            await _migrate(wdb)
+            ),
+        )
+        try:
+            await writer.call(_migrate)
             rdb = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
         except BaseException:
-            await wdb.close()
+            await writer.close()
             raise
         rdb.row_factory = aiosqlite.Row
         await rdb.execute("PRAGMA busy_timeout=5000")
-        store = cls(data_dir, wdb, rdb)
+        store = cls(data_dir, writer, rdb)
         store._writer.start()
         return store
 
@@ -94,10 +94,12 @@ class Store:
         """Flush pending writes and close both connections; always reached, even after errors."""
         try:
             await self._writer.stop()
-            await self._wdb.execute("PRAGMA optimize")
+            await self._writer.call(lambda db: db.execute("PRAGMA optimize"))
         finally:
-            await self._rdb.close()
-            await self._wdb.close()
+            try:
+                await self._rdb.close()
+            finally:
+                await self._writer.close()
 
     async def __aenter__(self) -> Store:
         return self
@@ -123,6 +125,8 @@ class Store:
         return tuple(str(p.relative_to(self.data_dir)) for p in paths)
 
     async def load_reference_images(self, paths: Sequence[str]) -> tuple[bytes, ...]:
+        if not paths:
+            return ()
         return tuple(
             await asyncio.to_thread(lambda: [(self.data_dir / p).read_bytes() for p in paths])
         )
@@ -318,23 +322,23 @@ def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:
         tmp.replace(path)  # never leave a half-written image under its real name
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
-    async with db.execute("PRAGMA user_version") as cur:
-        row = await cur.fetchone()
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring the schema up to this release, one versioned step per transaction."""
+    row = db.execute("PRAGMA user_version").fetchone()
     version = int(row[0]) if row else 0
     if version > len(MIGRATIONS):
         raise RuntimeError(
             f"database schema version {version} is newer than this release ({len(MIGRATIONS)})"
         )
     for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
-        await db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
             for sql in statements:
-                await db.execute(sql)
-            await db.execute(f"PRAGMA user_version = {number}")
-            await db.execute("COMMIT")
+                db.execute(sql)
+            db.execute(f"PRAGMA user_version = {number}")
+            db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
         log.info("database migrated to schema version %d", number)
 
