@@ -1,0 +1,557 @@
+"""The GrsAI draw API (`/v1/draw/nano-banana`, `/v1/draw/completions`, `/v1/draw/result`).
+
+One task per job. The task id is persisted through `hooks.task_submitted` the moment GrsAI names
+it, because GrsAI charges per submit: a retry or a restart must resume that task by polling
+`/v1/draw/result`, never submit again. Three ways to learn the outcome, as the API offers them:
+
+- stream (default): the submit call stays open and sends one task object per progress step;
+- poll: submit with `webHook: "-1"`, get the id at once, poll the result endpoint;
+- webhook: submit with `webHook: <url>`; GrsAI POSTs the task to the bot's HTTP route, which calls
+  `webhook_received`. A webhook body is unauthenticated, so it only wakes the waiting job early: the
+  outcome is always read from the (authenticated) result endpoint, which is also the safety net
+  when a callback never comes.
+
+Result URLs live two hours, so they are downloaded at once. Every failure becomes one
+`bot.errors.ProviderError` kind; the API key never appears in a message or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import suppress
+from typing import Any, Literal
+
+import aiohttp
+
+from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refused, Transient
+from bot.images import MAX_IMAGE_BYTES, parse_ratio, ratio_size
+from bot.jobs import GeneratedImage
+from bot.providers.base import GenerationRequest, JobHooks
+from bot.providers.http import data_uri, download, new_session, parse_retry_after, status_error
+
+log = logging.getLogger("drawbridge.providers.grsai")
+
+NANO_BANANA = "/v1/draw/nano-banana"
+COMPLETIONS = "/v1/draw/completions"
+RESULT = "/v1/draw/result"
+
+TASK_GONE = -22  # the result endpoint's "task does not exist" (unknown or expired id)
+CALL_TIMEOUT_S = 30.0  # one submit (poll/webhook modes) or one result poll
+MAX_BODY_BYTES = 1_000_000  # a task object is small; anything bigger is not one
+MAX_POLL_FAILURES = 3  # consecutive transient poll failures tolerated inside one attempt
+MAX_EARLY_TASKS = 256  # webhook bodies kept for tasks whose submit has not returned yet
+MAX_INBOX = 64
+
+MODERATION = frozenset({"input_moderation", "output_moderation"})
+TERMINAL = frozenset({"succeeded", "failed", "violation"})
+AUTH_HINTS = ("apikey", "api key", "api_key", "unauthorized", "invalid key")
+BILLING_HINTS = ("insufficient", "balance", "credit", "余额", "积分")
+RATE_HINTS = ("too many", "too frequent", "rate limit")
+
+# gpt-image-2 takes a pixel size: the long side per requested size, both sides multiples of 16.
+GPT_IMAGE_LONG_SIDE = {"1K": 1536, "2K": 2048, "4K": 3840}
+GPT_IMAGE_SQUARE_SIDE = {"1K": 1024, "2K": 2048, "4K": 2880}
+
+Task = dict[str, Any]
+
+
+class _TaskGone(Transient):
+    """`code: -22`: the task id is unknown or expired; the next attempt must submit anew."""
+
+
+class _StreamBroken(Exception):
+    """The stream stopped or garbled after the task id was known: polling takes over."""
+
+    def __init__(self, task_id: str, why: str) -> None:
+        super().__init__(why)
+        self.task_id = task_id
+
+
+class GrsaiProvider:
+    """A client of GrsAI's draw API; see the module docstring for the three delivery modes."""
+
+    name = "grsai"
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = "https://grsaiapi.com",
+        *,
+        session: aiohttp.ClientSession | None = None,
+        poll_interval: float = 2.0,
+        mode: Literal["stream", "poll"] = "stream",
+        max_image_bytes: int = MAX_IMAGE_BYTES,
+        webhook_url: Callable[[str], str] | None = None,
+    ) -> None:
+        if mode not in ("stream", "poll"):
+            raise ValueError(f"mode must be 'stream' or 'poll', not {mode!r}")
+        self._api_key = api_key
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._owns_session = session is None
+        self.poll_interval = poll_interval
+        self.mode = mode
+        self.max_image_bytes = max_image_bytes
+        self.webhook_url = webhook_url
+        self._inboxes: dict[str, asyncio.Queue[Task]] = {}
+        self._early: OrderedDict[str, deque[Task]] = OrderedDict()
+
+    # -- the Provider protocol -------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest, hooks: JobHooks) -> list[GeneratedImage]:
+        """Resume `request.task_id` if set; else submit once and follow the task to its end."""
+        deadline = asyncio.get_running_loop().time() + request.timeout_s
+        if request.task_id:
+            log.info("job=%s: resuming GrsAI task %s", request.job_id, request.task_id)
+            return await self._follow(request, request.task_id, hooks, deadline, wait_first=False)
+        if self.webhook_url is not None:
+            hook_url = self.webhook_url(request.job_id)
+            task_id = await self._submit_for_id(request, hooks, hook_url, deadline)
+            return await self._follow(request, task_id, hooks, deadline, wait_first=True)
+        if self.mode == "poll":
+            task_id = await self._submit_for_id(request, hooks, "-1", deadline)
+            return await self._follow(request, task_id, hooks, deadline, wait_first=True)
+        return await self._stream(request, hooks, deadline)
+
+    async def aclose(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def webhook_received(self, payload: dict[str, Any]) -> None:
+        """A body GrsAI POSTed to our webhook route: wake the job waiting on that task.
+
+        Bodies for a task whose submit call has not returned yet are kept briefly (bounded), since
+        GrsAI may call back before we have read its answer to the submit.
+        """
+        task = _unwrap(payload) if isinstance(payload, dict) else None
+        key = _task_id(task) if task is not None else None
+        if task is None or key is None:
+            log.debug("ignored a GrsAI webhook body without a task id")
+            return
+        inbox = self._inboxes.get(key)
+        if inbox is not None:
+            with suppress(asyncio.QueueFull):
+                inbox.put_nowait(task)
+            return
+        self._early.setdefault(key, deque(maxlen=8)).append(task)
+        self._early.move_to_end(key)
+        while len(self._early) > MAX_EARLY_TASKS:
+            self._early.popitem(last=False)
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def _body(self, request: GenerationRequest, webhook: str | None) -> dict[str, Any]:
+        """The submit body of providers.md §1.2/§1.3 for this request."""
+        endpoint = request.endpoint or NANO_BANANA
+        size = request.size.upper() if request.size else None
+        if endpoint == COMPLETIONS:
+            aspect = gpt_image_size(request.aspect_ratio, size)
+        else:
+            aspect = request.aspect_ratio or "auto"
+        body: dict[str, Any] = {
+            "model": request.remote_model or request.model,
+            "prompt": request.prompt,
+            "urls": [data_uri(image) for image in request.reference_images],
+            "aspectRatio": aspect,
+            "shutProgress": False,
+        }
+        if size is not None and endpoint != COMPLETIONS:
+            body["imageSize"] = size
+        if webhook is not None:
+            body["webHook"] = webhook
+        return body
+
+    async def _submit_for_id(
+        self, request: GenerationRequest, hooks: JobHooks, hook: str, deadline: float
+    ) -> str:
+        """Submit in poll or webhook mode: GrsAI answers with the task id at once.
+
+        If this call times out after GrsAI accepted it, the id is lost and a retry pays again;
+        that is the price of these modes, which stream mode narrows to the first line.
+        """
+        endpoint = request.endpoint or NANO_BANANA
+        answer = await self._call(endpoint, self._body(request, hook), _budget(deadline))
+        data = answer.get("data")
+        task_id = _task_id(data) if isinstance(data, dict) else None
+        if task_id is None:
+            raise Transient("GrsAI accepted the request but named no task id")
+        await hooks.task_submitted(task_id)
+        log.info("job=%s: GrsAI task %s submitted", request.job_id, task_id)
+        return task_id
+
+    # -- stream mode -----------------------------------------------------------------------
+
+    async def _stream(
+        self, request: GenerationRequest, hooks: JobHooks, deadline: float
+    ) -> list[GeneratedImage]:
+        """Submit and read the task stream; if it breaks once the id is known, poll instead."""
+        try:
+            final = await self._read_stream(request, hooks, deadline)
+        except _StreamBroken as exc:
+            log.warning(
+                "job=%s: the GrsAI stream broke (%s); polling task %s",
+                request.job_id,
+                exc,
+                exc.task_id,
+            )
+            return await self._follow(request, exc.task_id, hooks, deadline, wait_first=False)
+        images = await self._conclude(final, request, hooks)
+        if images is None:  # _read_stream only returns terminal tasks
+            raise Transient("GrsAI's stream ended on an unfinished task")
+        return images
+
+    async def _read_stream(
+        self, request: GenerationRequest, hooks: JobHooks, deadline: float
+    ) -> Task:
+        """The terminal task from the submit stream.
+
+        Raises `_StreamBroken` for any trouble after the task id is known (the task lives on and
+        polling will find it), and a `ProviderError` for trouble before.
+        """
+        task_id: str | None = None
+        remaining = deadline - asyncio.get_running_loop().time()
+        timeout = aiohttp.ClientTimeout(total=max(0.001, remaining), sock_connect=CALL_TIMEOUT_S)
+        url = self.base_url + (request.endpoint or NANO_BANANA)
+        session = self._get_session()
+        try:
+            async with session.post(
+                url, json=self._body(request, None), headers=self._headers(), timeout=timeout
+            ) as resp:
+                if resp.status >= 400:
+                    raw = await _read_capped(resp.content)
+                    raise self._error(resp.status, _parse_object(raw), resp.headers)
+                async for obj in _json_objects(resp.content):
+                    if obj is None:
+                        if task_id is not None:
+                            raise _StreamBroken(task_id, "a line was not JSON")
+                        raise Transient("GrsAI sent a malformed stream line")
+                    task = _unwrap(obj)
+                    if task is None:  # an error envelope `{code, msg}` instead of a task
+                        if task_id is not None:
+                            raise _StreamBroken(task_id, f"an error line, code {obj.get('code')}")
+                        raise self._error(resp.status, obj, resp.headers)
+                    if task_id is None and (task_id := _task_id(task)) is not None:
+                        # Persisted before anything else: from here on, a retry must not pay again.
+                        await hooks.task_submitted(task_id)
+                        log.info("job=%s: GrsAI task %s submitted", request.job_id, task_id)
+                    if _is_terminal(task):
+                        return task
+                    await _report_progress(task, hooks)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if task_id is not None:
+                raise _StreamBroken(task_id, exc.__class__.__name__) from None
+            raise Transient(f"GrsAI submit failed ({exc.__class__.__name__})") from None
+        if task_id is not None:
+            raise _StreamBroken(task_id, "the stream ended before the task did")
+        raise Transient("GrsAI's stream ended without a task")
+
+    # -- polling (poll mode, webhook safety net, resume) --------------------------------------
+
+    async def _follow(
+        self,
+        request: GenerationRequest,
+        task_id: str,
+        hooks: JobHooks,
+        deadline: float,
+        *,
+        wait_first: bool,
+    ) -> list[GeneratedImage]:
+        """Poll `task_id` until it ends; a webhook for it cuts the wait between polls short."""
+        loop = asyncio.get_running_loop()
+        inbox = self._open_inbox(task_id)
+        try:
+            failures = 0
+            wait = wait_first
+            while True:
+                if wait:
+                    await self._wait_for_news(inbox, hooks, deadline)
+                wait = True
+                try:
+                    task = await self._fetch_result(task_id, hooks, deadline)
+                except _TaskGone:
+                    raise
+                except (Transient, RateLimited) as exc:
+                    failures += 1
+                    if failures > MAX_POLL_FAILURES or loop.time() >= deadline:
+                        raise
+                    if exc.retry_after:
+                        await asyncio.sleep(min(exc.retry_after, max(0.0, deadline - loop.time())))
+                    continue
+                failures = 0
+                images = await self._conclude(task, request, hooks)
+                if images is not None:
+                    return images
+                if loop.time() >= deadline:
+                    raise Transient(
+                        f"GrsAI task still running after {request.timeout_s:g} s"
+                    )  # the id stays: a later attempt resumes it
+        finally:
+            if self._inboxes.get(task_id) is inbox:
+                del self._inboxes[task_id]
+
+    async def _wait_for_news(
+        self, inbox: asyncio.Queue[Task], hooks: JobHooks, deadline: float
+    ) -> None:
+        """Sleep one poll interval, forwarding webhook progress; a terminal webhook ends it early."""
+        loop = asyncio.get_running_loop()
+        until = min(loop.time() + self.poll_interval, deadline)
+        while (remaining := until - loop.time()) > 0:
+            try:
+                task = await asyncio.wait_for(inbox.get(), remaining)
+            except TimeoutError:
+                return
+            if _is_terminal(task):
+                return  # the result endpoint confirms it: a webhook body proves nothing
+            await _report_progress(task, hooks)
+
+    async def _fetch_result(self, task_id: str, hooks: JobHooks, deadline: float) -> Task:
+        """One poll of `/v1/draw/result`; a gone task is forgotten so the retry submits anew."""
+        try:
+            answer = await self._call(RESULT, {"id": task_id}, _budget(deadline))
+        except _TaskGone:
+            log.info("GrsAI task %s is gone (code -22); the next attempt submits anew", task_id)
+            await hooks.task_submitted(None)
+            raise
+        task = _unwrap(answer)
+        if task is None:
+            raise Transient("GrsAI's result answer holds no task")
+        return task
+
+    def _open_inbox(self, task_id: str) -> asyncio.Queue[Task]:
+        inbox: asyncio.Queue[Task] = asyncio.Queue(MAX_INBOX)
+        for task in self._early.pop(task_id, ()):
+            with suppress(asyncio.QueueFull):
+                inbox.put_nowait(task)
+        self._inboxes[task_id] = inbox
+        return inbox
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    async def _conclude(
+        self, task: Task, request: GenerationRequest, hooks: JobHooks
+    ) -> list[GeneratedImage] | None:
+        """Images for a succeeded task, an error for a failed one, None while it runs."""
+        status = str(task.get("status") or "").lower()
+        urls = _result_urls(task)
+        if status == "succeeded" or (not status and urls):
+            if not urls:
+                await hooks.task_submitted(None)
+                raise Transient("GrsAI reported success without an image")
+            session = self._get_session()
+            return [
+                await download(session, url, max_bytes=self.max_image_bytes)
+                for url in urls[: max(1, request.n)]
+            ]
+        if status in ("failed", "violation"):
+            reason = str(task.get("failure_reason") or "")
+            detail = self._scrub(str(task.get("error") or reason or status))[:200]
+            if status == "violation" or reason in MODERATION:
+                raise Refused(f"GrsAI refused the request ({reason or status}): {detail}")
+            await hooks.task_submitted(None)  # the task is dead: a retry must submit anew
+            raise Transient(f"GrsAI's task failed: {detail}")
+        await _report_progress(task, hooks)
+        return None
+
+    def _error(
+        self, status: int, body: dict[str, Any] | None, headers: Mapping[str, str]
+    ) -> ProviderError:
+        """Map an HTTP status and a `{code, msg}` body onto the error taxonomy (§1.7)."""
+        code = body.get("code") if body is not None else None
+        msg = ""
+        if body is not None:
+            msg = self._scrub(str(body.get("msg") or body.get("error") or ""))[:200]
+        low = msg.lower()
+        if status == 401 or any(hint in low for hint in AUTH_HINTS + BILLING_HINTS):
+            log.warning("GrsAI rejected the API key (%s): check GRSAI_API_KEY", msg or status)
+            return AuthFailed(f"GrsAI rejected the API key: {msg or f'HTTP {status}'}")
+        if status == 429 or code == 429 or any(hint in low for hint in RATE_HINTS):
+            return RateLimited(
+                f"GrsAI: too many requests ({msg or status})",
+                retry_after=parse_retry_after(headers),
+            )
+        if status == 403:
+            log.warning("GrsAI answered 403 (%s): check GRSAI_API_KEY", msg or "no message")
+            return AuthFailed(f"GrsAI refused access: {msg or 'HTTP 403'}")
+        if status >= 400:
+            return status_error(status, f"GrsAI: HTTP {status}{': ' + msg if msg else ''}", headers)
+        if body is None:
+            return Transient("GrsAI sent a malformed answer")
+        if code == TASK_GONE:
+            return _TaskGone(f"GrsAI task not found ({msg or 'code -22'})")
+        return BadRequest(f"GrsAI rejected the request (code {code}): {msg}")
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _call(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """POST JSON and return the `{code: 0, …}` answer; anything else raises."""
+        session = self._get_session()
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with session.post(
+                self.base_url + path, json=body, headers=self._headers(), timeout=timeout
+            ) as resp:
+                raw = await _read_capped(resp.content)
+                status, headers = resp.status, resp.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Transient(f"GrsAI call failed ({exc.__class__.__name__})") from None
+        answer = _parse_object(raw)
+        if status >= 400 or answer is None or answer.get("code", 0) != 0:
+            raise self._error(status, answer, headers)
+        return answer
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session()
+            self._owns_session = True
+        return self._session
+
+    def _scrub(self, text: str) -> str:
+        """Text from the server, minus the key should it ever be echoed back."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+
+
+def _budget(deadline: float) -> float:
+    """The timeout of one short call: what is left of the job's time, within bounds."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    return max(0.05, min(CALL_TIMEOUT_S, remaining))
+
+
+def gpt_image_size(ratio: str | None, size: str | None = None) -> str:
+    """The pixel string gpt-image-2 takes for a ratio: 1:1 → 1024x1024, 3:2 → 1536x1024 …"""
+    if ratio is None:
+        return "auto"
+    try:
+        w, h = parse_ratio(ratio)
+    except ValueError:
+        return ratio  # let GrsAI judge what it was given
+    key = size if size in GPT_IMAGE_LONG_SIDE else "1K"
+    if w == h:
+        side = GPT_IMAGE_SQUARE_SIDE[key]
+        return f"{side}x{side}"
+    width, height = ratio_size(ratio, GPT_IMAGE_LONG_SIDE[key], multiple=16)
+    return f"{width}x{height}"
+
+
+def _unwrap(obj: dict[str, Any]) -> Task | None:
+    """The task object in a stream line, a webhook body or a `{code, data}` answer.
+
+    None for a `{code, msg}` error envelope, which carries no task.
+    """
+    data = obj.get("data")
+    if isinstance(data, dict):
+        return data
+    if "id" in obj or "status" in obj:
+        return obj
+    return None if "code" in obj or "msg" in obj else obj
+
+
+def _task_id(task: Task) -> str | None:
+    """The task's id as text, None when it names none."""
+    value = task.get("id")
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        return None
+    return str(value)
+
+
+def _is_terminal(task: Task) -> bool:
+    status = str(task.get("status") or "").lower()
+    return status in TERMINAL or (not status and bool(_result_urls(task)))
+
+
+def _result_urls(task: Task) -> list[str]:
+    """`results[].url`, or the older top-level `url`."""
+    urls: list[str] = []
+    results = task.get("results")
+    if isinstance(results, list):
+        for item in results:
+            url = item.get("url") if isinstance(item, dict) else None
+            if isinstance(url, str) and url:
+                urls.append(url)
+    top = task.get("url")
+    if not urls and isinstance(top, str) and top:
+        urls.append(top)
+    return urls
+
+
+async def _report_progress(task: Task, hooks: JobHooks) -> None:
+    value = task.get("progress")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return
+    try:
+        percent = int(float(value))
+    except ValueError:
+        return
+    await hooks.progress(max(0, min(100, percent)))
+
+
+def _parse_object(raw: bytes) -> dict[str, Any] | None:
+    """A JSON object, or None when the bytes are not one (HTML error page, truncation …)."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+async def _read_capped(content: aiohttp.StreamReader, cap: int = MAX_BODY_BYTES) -> bytes:
+    data = bytearray()
+    async for chunk in content.iter_chunked(65536):
+        data += chunk
+        if len(data) > cap:
+            raise Transient("GrsAI sent an oversized answer")
+    return bytes(data)
+
+
+async def _json_objects(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any] | None]:
+    """The JSON objects of a GrsAI stream, None for a line that is not one.
+
+    Accepts SSE-style `data: {…}` lines (blank lines, comments and `data: [DONE]` too) and bare
+    JSON, one object a line or one object spread over several lines.
+    """
+    pending = ""
+    async for line in _lines(content):
+        text = line.strip()
+        if not text or text.startswith(":") or text.startswith(("event:", "id:", "retry:")):
+            continue
+        if text.startswith("data:"):
+            payload = text[5:].strip()
+            if payload == "[DONE]":
+                return
+            yield _parse_object(payload.encode())
+            continue
+        pending += text
+        obj = _parse_object(pending.encode())
+        if obj is not None:
+            pending = ""
+            yield obj
+        elif len(pending) > MAX_BODY_BYTES:
+            yield None
+            return
+    if pending:
+        yield None
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """Decoded lines, each capped, without aiohttp's own line-length limit."""
+    buffer = b""
+    async for chunk in content.iter_any():
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.decode("utf-8", "replace")
+        if len(buffer) > MAX_BODY_BYTES:
+            yield "\x00"  # not JSON: the reader treats it as a garbled line and stops
+            return
+    if buffer:
+        yield buffer.decode("utf-8", "replace")
