@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -13,7 +16,11 @@ from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
 from bot.providers.base import Provider
 from bot.providers.demo import DemoProvider
+from bot.providers.gemini import GeminiProvider
+from bot.providers.grsai import GrsaiProvider
+from bot.providers.openai_images import OpenAIImagesProvider
 from bot.quota import Limits, Quotas
+from bot.routing import Router
 from bot.settings import Settings
 from bot.store import Store
 
@@ -41,6 +48,28 @@ class Core:
     store: Store
     engine: Engine
     providers: Mapping[str, Provider]
+    webhooks: WebhookSigner | None = None
+
+
+class WebhookSigner:
+    """Per-job secrets in provider webhook URLs, so only the provider can call a job's route.
+
+    The key lives in memory: after a restart old callbacks fail the check, and the provider
+    client's polling (the safety net the webhook never replaces) finishes those jobs.
+    """
+
+    def __init__(self, public_url: str, key: bytes | None = None) -> None:
+        self.public_url = public_url.rstrip("/")
+        self.key = key or secrets.token_bytes(32)
+
+    def secret(self, job_id: str) -> str:
+        return hmac.new(self.key, job_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def url_for(self, job_id: str) -> str:
+        return f"{self.public_url}/hooks/grsai/{job_id}/{self.secret(job_id)}"
+
+    def check(self, job_id: str, secret: str) -> bool:
+        return hmac.compare_digest(self.secret(job_id), secret)
 
 
 def engine_config(settings: Settings, **overrides: object) -> EngineConfig:
@@ -64,10 +93,37 @@ def engine_config(settings: Settings, **overrides: object) -> EngineConfig:
     return replace(config, **overrides) if overrides else config  # type: ignore[arg-type]
 
 
-def build_providers(settings: Settings) -> dict[str, Provider]:
+def build_providers(
+    settings: Settings, grsai_webhook: Callable[[str], str] | None = None
+) -> dict[str, Provider]:
     """The demo provider always; paid providers for every key that is configured."""
     providers: dict[str, Provider] = {"demo": DemoProvider(latency=settings.demo_latency)}
+    if settings.grsai_api_key is not None:
+        providers["grsai"] = GrsaiProvider(
+            settings.grsai_api_key.get_secret_value(),
+            settings.grsai_base_url,
+            mode=settings.grsai_mode,
+            webhook_url=grsai_webhook,
+        )
+    if settings.openai_api_key is not None:
+        providers["openai"] = OpenAIImagesProvider(
+            settings.openai_api_key.get_secret_value(), settings.openai_base_url
+        )
+    if settings.gemini_api_key is not None:
+        providers["gemini"] = GeminiProvider(
+            settings.gemini_api_key.get_secret_value(), settings.gemini_base_url
+        )
     return providers
+
+
+def build_router(settings: Settings, catalog: Catalog, providers: Mapping[str, Provider]) -> Router:
+    return Router(
+        catalog,
+        providers,
+        fallbacks=settings.fallbacks,
+        concurrency=settings.concurrency_by_provider,
+        rpm=settings.rpm_by_provider,
+    )
 
 
 @asynccontextmanager
@@ -80,16 +136,23 @@ async def open_core(settings: Settings, **overrides: object) -> AsyncIterator[Co
         )
         store = await Store.open(settings.data_dir)
         stack.push_async_callback(store.close)
-        providers = build_providers(settings)
+        webhooks = WebhookSigner(settings.public_url) if settings.public_url else None
+        providers = build_providers(settings, webhooks.url_for if webhooks else None)
         for provider in providers.values():
             stack.push_async_callback(provider.aclose)
         config = engine_config(settings, **overrides)
         quotas = Quotas(config.limits, settings.tz, time.time)
         engine = Engine(
-            store, catalog, providers, config, default_model=default_model, quotas=quotas
+            store,
+            catalog,
+            providers,
+            config,
+            default_model=default_model,
+            quotas=quotas,
+            router=build_router(settings, catalog, providers),
         )
         stack.push_async_callback(engine.close)
-        yield Core(settings, catalog, store, engine, providers)
+        yield Core(settings, catalog, store, engine, providers, webhooks)
 
 
 @asynccontextmanager

@@ -137,7 +137,7 @@ class Chat:
     def models_text(self, lang: str) -> str:
         lines = [t(lang, "models.header")]
         for spec in self.engine.catalog:
-            if spec.provider in self.engine.providers:
+            if self.engine.router.available(spec):
                 lines.append(
                     t(
                         lang,

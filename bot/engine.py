@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 from bot.adapter import Adapter, StatusKind, StatusUpdate
 from bot.catalog import Catalog, ModelSpec
 from bot.errors import (
+    BadRequest,
     DeliveryError,
     ErrorKind,
     JobNotFound,
@@ -31,6 +32,7 @@ from bot.jobs import GeneratedImage, Job, JobStatus, Request, StoredImage, Targe
 from bot.providers.base import GenerationRequest, Provider
 from bot.providers.retry import provider_retrying
 from bot.quota import Limits, Quotas
+from bot.routing import FAILOVER_KINDS, Route, Router
 from bot.store import Store
 from bot.texts import t
 from bot.validate import validate_request
@@ -101,10 +103,12 @@ class Engine:
         default_model: str = "demo",
         clock: Callable[[], float] = time.time,
         quotas: Quotas | None = None,
+        router: Router | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
         self.providers = dict(providers)
+        self.router = router or Router(catalog, self.providers)
         self.config = config
         self.default_model = default_model
         self.clock = clock
@@ -139,7 +143,7 @@ class Engine:
         if not cfg.allowed(user, request.target):
             raise NotAllowed()
         spec, prompt, options = validate_request(
-            request, self.catalog, self.default_model, set(self.providers), cfg.max_prompt_chars
+            request, self.catalog, self.default_model, self.router.available, cfg.max_prompt_chars
         )
         now = self.clock()
         day = self.quotas.day_of(now)
@@ -271,7 +275,8 @@ class Engine:
         ops = []
         unfinished = await self.store.unfinished_jobs() if resume else []
         for job in unfinished:
-            if self.catalog.get(job.model) is None or job.provider not in self.providers:
+            spec = self.catalog.get(job.model)
+            if spec is None or not self.router.available(spec):
                 # Counted, so that _finish's release balances; the model is gone from this config.
                 self._hold(job)
                 await self._finish(
@@ -387,7 +392,7 @@ class Engine:
             )
             await self._emit(job, StatusKind.STARTED, "status.started", model=job.model)
             timeout = min(spec.timeout_s, self.config.generate_timeout)
-            images = await asyncio.wait_for(self._generate(job, spec), timeout)
+            images, served = await asyncio.wait_for(self._generate(job, spec), timeout)
         except asyncio.CancelledError:
             if job.id in self._cancelled:
                 return  # cancel() records the outcome
@@ -409,7 +414,7 @@ class Engine:
             await self._finish(job, JobStatus.FAILED, ErrorKind.TRANSIENT, "no image returned")
             return
         try:
-            done, stored = await self._settle(self._jobs.get(job.id, job), spec, images)
+            done, stored = await self._settle(self._jobs.get(job.id, job), served, images)
         except Exception as exc:
             # The disk or the database refused the result: the job ends, uncharged, and says so.
             log.exception("job=%s: could not store its images", job.id)
@@ -417,10 +422,37 @@ class Engine:
             return
         await self._deliver(done, stored)
 
-    async def _generate(self, job: Job, spec: ModelSpec) -> list[GeneratedImage]:
-        provider = self.providers[job.provider]
+    async def _generate(self, job: Job, spec: ModelSpec) -> tuple[list[GeneratedImage], ModelSpec]:
+        """Images from the first route that works, and the model that made them.
+
+        Each route gets the retry policy; when a route stays down (its breaker open, or still
+        failing after the retries), the job moves on to the next provider of the family.
+        """
         refs = await self.store.load_reference_images(job.reference_paths)
         hooks = _Hooks(self, job)
+        routes = self.router.routes(spec, pinned=job.provider if job.task_id else None)
+        if not routes:
+            raise BadRequest(f"no configured provider serves {spec.name}")
+        last: ProviderError | None = None
+        for route in routes:
+            if route.provider.name != job.provider:
+                log.warning(
+                    "job=%s failing over from %s to %s", job.id, job.provider, route.provider.name
+                )
+                job = await self._switch_provider(job, route.provider.name, hooks)
+            try:
+                return await self._attempts(job, route, refs, hooks), route.spec
+            except ProviderError as exc:
+                if exc.kind not in FAILOVER_KINDS:
+                    raise
+                last = exc
+        assert last is not None
+        raise last
+
+    async def _attempts(
+        self, job: Job, route: Route, refs: tuple[bytes, ...], hooks: _Hooks
+    ) -> list[GeneratedImage]:
+        spec = route.spec
         async for attempt in provider_retrying(
             self.config.retry_attempts, self.config.retry_initial
         ):
@@ -433,14 +465,26 @@ class Engine:
                     prompt=job.prompt,
                     n=job.options.n,
                     aspect_ratio=job.options.aspect_ratio,
-                    size=job.options.size,
+                    size=job.options.size if job.options.size in spec.sizes else None,
                     seed=job.options.seed,
                     reference_images=refs,
                     task_id=hooks.task_id,
                     timeout_s=spec.timeout_s,
                 )
-                return await provider.generate(request, hooks)
+                return await self.router.call(route, request, hooks)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _switch_provider(self, job: Job, provider: str, hooks: _Hooks) -> Job:
+        """Record the provider now serving the job; another provider's task id means nothing."""
+        hooks.task_id = None
+        job = replace(job, provider=provider, task_id=None)
+        if job.id in self._jobs:
+            self._jobs[job.id] = job
+        hooks._job = job
+        await self.store.write(
+            ("UPDATE jobs SET provider = ?, task_id = NULL WHERE id = ?", (provider, job.id))
+        )
+        return job
 
     async def _settle(
         self, job: Job, spec: ModelSpec, images: Sequence[GeneratedImage]

@@ -27,6 +27,45 @@ from bot.errors import SettingsError
 
 IdSet = frozenset[str]
 
+# Model family → providers to try in order. Same model, different vendor: a GrsAI outage moves
+# nano-banana jobs to Gemini's own API (when both keys are set), and back when it recovers.
+DEFAULT_FALLBACKS = (
+    "nano-banana=grsai,gemini;nano-banana-pro=grsai,gemini;"
+    "nano-banana-2=grsai,gemini;gpt-image-2=openai,grsai"
+)
+PROVIDERS = ("demo", "grsai", "openai", "gemini")
+
+
+def parse_fallbacks(value: str) -> dict[str, tuple[str, ...]]:
+    """`family=p1,p2;family2=p3` → {family: (p1, p2), …}."""
+    chains: dict[str, tuple[str, ...]] = {}
+    for part in value.split(";"):
+        if not part.strip():
+            continue
+        family, sep, names = part.partition("=")
+        providers = tuple(n.strip().lower() for n in names.split(",") if n.strip())
+        if not sep or not family.strip() or not providers:
+            raise ValueError(f"{part.strip()!r} is not family=provider,provider")
+        unknown = [n for n in providers if n not in PROVIDERS]
+        if unknown:
+            raise ValueError(f"unknown provider {unknown[0]!r} (known: {', '.join(PROVIDERS)})")
+        chains[family.strip().lower()] = providers
+    return chains
+
+
+def parse_per_provider(value: str) -> dict[str, int]:
+    """`grsai=8,openai=4` → {"grsai": 8, "openai": 4}."""
+    result: dict[str, int] = {}
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        name, sep, number = part.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in PROVIDERS or not number.strip().isdigit():
+            raise ValueError(f"{part.strip()!r} is not provider=number ({', '.join(PROVIDERS)})")
+        result[name] = int(number)
+    return result
+
 
 class Settings(BaseModel):
     """The validated settings; field names are the environment variables in lower case."""
@@ -53,6 +92,11 @@ class Settings(BaseModel):
     openai_base_url: str = "https://api.openai.com/v1"
     gemini_api_key: SecretStr | None = None
     gemini_base_url: str = "https://generativelanguage.googleapis.com/v1beta"
+
+    grsai_mode: Literal["stream", "poll"] = "stream"
+    provider_fallbacks: str = DEFAULT_FALLBACKS
+    provider_concurrency: str = ""
+    provider_rpm: str = ""
 
     default_model: str | None = None
     models_file: Path | None = None
@@ -95,6 +139,18 @@ class Settings(BaseModel):
                 raise ValueError(f"{item!r} is not platform:id (like telegram:123)")
         return value
 
+    @field_validator("provider_fallbacks")
+    @classmethod
+    def _check_fallbacks(cls, value: str) -> str:
+        parse_fallbacks(value)
+        return value
+
+    @field_validator("provider_concurrency", "provider_rpm")
+    @classmethod
+    def _check_per_provider(cls, value: str) -> str:
+        parse_per_provider(value)
+        return value
+
     @field_validator("quota_tz")
     @classmethod
     def _check_tz(cls, value: str) -> str:
@@ -130,6 +186,18 @@ class Settings(BaseModel):
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.quota_tz)
+
+    @property
+    def fallbacks(self) -> dict[str, tuple[str, ...]]:
+        return parse_fallbacks(self.provider_fallbacks)
+
+    @property
+    def concurrency_by_provider(self) -> dict[str, int]:
+        return parse_per_provider(self.provider_concurrency)
+
+    @property
+    def rpm_by_provider(self) -> dict[str, int]:
+        return parse_per_provider(self.provider_rpm)
 
     @property
     def db_path(self) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable
 
 from bot.catalog import Catalog, ModelSpec
 from bot.errors import InvalidRequest
@@ -17,7 +17,7 @@ def validate_request(
     request: Request,
     catalog: Catalog,
     default_model: str,
-    providers: Collection[str],
+    available: Callable[[ModelSpec], bool],
     max_prompt_chars: int,
 ) -> tuple[ModelSpec, str, Options]:
     """The model, the cleaned prompt and the options with the model's defaults filled in."""
@@ -30,7 +30,7 @@ def validate_request(
     spec = catalog.get(name)
     if spec is None:
         raise InvalidRequest("error.unknown_model", model=name)
-    if spec.provider not in providers:
+    if not available(spec):
         raise InvalidRequest("error.model_unavailable", model=spec.name)
     o = request.options
     if not 1 <= o.n <= spec.max_images:

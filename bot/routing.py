@@ -1,0 +1,213 @@
+"""Which provider serves a model: fallback chains per family, circuit breakers, rate limits.
+
+A model names one provider in the catalog. An operator may give a model family a chain of
+providers (`PROVIDER_FALLBACKS=nano-banana-pro=grsai,gemini`): when the first is down (its
+breaker open, or it keeps failing after retries) the job goes to the same family's model on
+the next. Each provider has a breaker that opens after consecutive transient failures and
+lets one probe through after a cool-down, an optional cap on calls at once, and an optional
+requests-per-minute limit (aiolimiter's leaky bucket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from aiolimiter import AsyncLimiter
+
+from bot.catalog import Catalog, ModelSpec
+from bot.errors import ErrorKind, ProviderError, Transient
+from bot.jobs import GeneratedImage
+from bot.providers.base import GenerationRequest, JobHooks, Provider
+
+log = logging.getLogger("drawbridge.routing")
+
+# Kinds that say "this provider is unwell" (a refusal or a bad request says nothing about it).
+_UNWELL = {ErrorKind.TRANSIENT, ErrorKind.TIMEOUT, ErrorKind.EXPIRED}
+# Kinds after which another provider may well succeed.
+FAILOVER_KINDS = {
+    ErrorKind.TRANSIENT,
+    ErrorKind.RATE_LIMITED,
+    ErrorKind.TIMEOUT,
+    ErrorKind.AUTH,
+    ErrorKind.EXPIRED,
+}
+
+
+class CircuitOpen(Transient):
+    """The provider's breaker is open: skip it without calling."""
+
+    retryable = False
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class Breaker:
+    """Opens after `threshold` consecutive failures; after `cooldown` s lets one probe through."""
+
+    def __init__(
+        self,
+        name: str,
+        threshold: int = 5,
+        cooldown: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, BreakerState], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self.on_change = on_change
+        self.failures = 0
+        self.opened_at = 0.0
+        self._state = BreakerState.CLOSED
+        self._probing = False
+
+    @property
+    def state(self) -> BreakerState:
+        if self._state is BreakerState.OPEN and self.clock() - self.opened_at >= self.cooldown:
+            return BreakerState.HALF_OPEN
+        return self._state
+
+    def allow(self) -> bool:
+        """May a call go through now? In half-open state only one probe at a time."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self._probing = False
+        self.failures = 0
+        if self._state is not BreakerState.CLOSED:
+            self._set(BreakerState.CLOSED)
+
+    def failure(self, exc: BaseException) -> None:
+        kind = exc.kind if isinstance(exc, ProviderError) else ErrorKind.TIMEOUT
+        probing, self._probing = self._probing, False
+        if kind not in _UNWELL:
+            return
+        self.failures += 1
+        if probing or self.failures >= self.threshold:
+            self.opened_at = self.clock()
+            self._set(BreakerState.OPEN)
+
+    def _set(self, state: BreakerState) -> None:
+        if state is not self._state:
+            self._state = state
+            level = logging.WARNING if state is BreakerState.OPEN else logging.INFO
+            log.log(level, "provider %s breaker %s", self.name, state.value)
+            if self.on_change is not None:
+                self.on_change(self.name, state)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One way to serve a job: this catalog model on this provider."""
+
+    spec: ModelSpec
+    provider: Provider
+
+
+class Router:
+    """The engine's way to its providers."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        providers: Mapping[str, Provider],
+        *,
+        fallbacks: Mapping[str, Sequence[str]] | None = None,
+        concurrency: Mapping[str, int] | None = None,
+        rpm: Mapping[str, int] | None = None,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_breaker: Callable[[str, BreakerState], None] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.providers = dict(providers)
+        self.fallbacks = {k.lower(): tuple(v) for k, v in (fallbacks or {}).items()}
+        self.breakers = {
+            name: Breaker(name, breaker_threshold, breaker_cooldown, clock, on_breaker)
+            for name in self.providers
+        }
+        self._slots = {
+            name: asyncio.Semaphore(n) for name, n in (concurrency or {}).items() if n > 0
+        }
+        self._limiters = {name: AsyncLimiter(n, 60) for name, n in (rpm or {}).items() if n > 0}
+
+    def chain(self, spec: ModelSpec) -> list[str]:
+        """Provider names for `spec`, in order: its own first, then its family's chain."""
+        names = [spec.provider]
+        for name in self.fallbacks.get(spec.family.lower(), ()) if spec.family else ():
+            if name not in names:
+                names.append(name)
+        return names
+
+    def routes(self, spec: ModelSpec, pinned: str | None = None) -> list[Route]:
+        """Configured routes for `spec`; `pinned` (a provider holding the job's task) goes first."""
+        routes: list[Route] = []
+        for name in self.chain(spec):
+            provider = self.providers.get(name)
+            if provider is None:
+                continue
+            target = spec if name == spec.provider else self._family_model(spec, name)
+            if target is not None:
+                routes.append(Route(target, provider))
+        if pinned is not None:
+            routes.sort(key=lambda r: r.provider.name != pinned)
+        return routes
+
+    def available(self, spec: ModelSpec) -> bool:
+        return bool(self.routes(spec))
+
+    def _family_model(self, spec: ModelSpec, provider: str) -> ModelSpec | None:
+        same = [s for s in self.catalog.for_provider(provider) if s.family == spec.family]
+        exact = [s for s in same if s.remote_model == spec.remote_model]
+        if exact:
+            return exact[0]
+        return same[0] if same else None
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, name: str) -> AsyncIterator[None]:
+        slot = self._slots.get(name)
+        limiter = self._limiters.get(name)
+        async with contextlib.AsyncExitStack() as stack:
+            if slot is not None:
+                await stack.enter_async_context(slot)
+            if limiter is not None:
+                await stack.enter_async_context(limiter)
+            yield
+
+    async def call(
+        self, route: Route, request: GenerationRequest, hooks: JobHooks
+    ) -> list[GeneratedImage]:
+        """One attempt on `route`, through its provider's cap, rate limit and breaker."""
+        name = route.provider.name
+        breaker = self.breakers.setdefault(name, Breaker(name))
+        async with self._admitted(name):
+            if not breaker.allow():
+                raise CircuitOpen(f"provider {name} is failing; its breaker is open")
+            try:
+                images = await route.provider.generate(request, hooks)
+            except asyncio.CancelledError:
+                breaker._probing = False
+                raise
+            except (ProviderError, TimeoutError) as exc:
+                breaker.failure(exc)
+                raise
+            breaker.success()
+            return images
