@@ -14,10 +14,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bot import __version__
 from bot.errors import DrawbridgeError, SettingsError, UserError
 from bot.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from bot.app import Core
+    from bot.http import HttpServer
 
 log = logging.getLogger("drawbridge")
 
@@ -107,6 +112,9 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
     with _exclusive(settings.data_dir):
         async with open_core(settings) as core:
             services: list[Service] = []
+            http = await _http_server(core, settings, required=bool(platforms))
+            if http is not None:
+                services.append(http)  # first in, last out: webhooks work until the end
             console_adapter = None
             if console:
                 lang = pick_lang(os.environ.get("LANG", "").split(".")[0].replace("_", "-"))
@@ -131,6 +139,46 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
                 for w in waits:
                     w.cancel()
     return 0
+
+
+async def _http_server(core: Core, settings: Settings, *, required: bool) -> _Opened | None:
+    """The health/metrics/webhook server; in the console chat a busy port only warns."""
+    from bot.http import HttpServer
+
+    if settings.http_port == 0:
+        return None
+    server = HttpServer(core, settings.http_host, settings.http_port)
+    try:
+        await server.open()
+    except OSError as exc:
+        await server.close()
+        if required:
+            raise SettingsError(
+                f"HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port} "
+                f"({exc.strerror}); set another port, or 0 for none"
+            ) from None
+        log.warning("no HTTP server: %s:%d is busy", settings.http_host, settings.http_port)
+        return None
+    return _Opened(server)
+
+
+class _Opened:
+    """A service that was opened early (to fail fast on a busy port); `serve` must not reopen it."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+
+    async def open(self) -> None:
+        return None
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop_intake(self) -> None:
+        await self.server.stop_intake()
+
+    async def close(self) -> None:
+        await self.server.close()
 
 
 class _exclusive:

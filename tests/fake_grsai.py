@@ -23,6 +23,7 @@ did not pay twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import re
@@ -180,6 +181,7 @@ class FakeGrsai:
     result_calls: int = 0
     file_gets: int = 0
     webhook_statuses: list[int] = field(default_factory=list)
+    port: int = 0  # 0: any free port
 
     def __post_init__(self) -> None:
         self._runner: web.AppRunner | None = None
@@ -205,7 +207,7 @@ class FakeGrsai:
         app.router.add_get("/files/{name}", self._file)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         server = site._server
         assert isinstance(server, asyncio.Server)
@@ -497,3 +499,23 @@ def _png(seed: int) -> bytes:
     color = ((seed * 67) % 256, (seed * 131) % 256, (seed * 199) % 256)
     Image.new("RGB", (8, 8), color).save(buf, "PNG")
     return buf.getvalue()
+
+
+async def _serve_forever(port: int, api_key: str) -> None:
+    async with FakeGrsai(api_key=api_key, port=port) as fake:
+        print(f"fake GrsAI on {fake.base_url} (key {api_key}); Ctrl-C stops it", flush=True)
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    # Start by hand to try drawbridge against it as against the real API:
+    #   python -m tests.fake_grsai --port 8765 &
+    #   GRSAI_API_KEY=sk-fake GRSAI_BASE_URL=http://127.0.0.1:8765 drawbridge generate --model nano-banana "a fox"
+    import argparse
+
+    parser = argparse.ArgumentParser(description="a loopback fake of the GrsAI draw API")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--key", default="sk-fake")
+    options = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(options.port, options.key))

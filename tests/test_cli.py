@@ -89,3 +89,33 @@ def test_bad_setting_is_one_line_and_no_token_without_a_terminal_is_explained(
     assert "CONCURRENCY" in out.stderr
     out = run(tmp_path, "run")
     assert out.returncode == 2 and "TELEGRAM_BOT_TOKEN" in out.stderr
+
+
+async def test_generate_against_a_grsai_started_apart(tmp_path: Path) -> None:
+    """As a new user runs it against the real API: only the base URL differs."""
+    import asyncio
+
+    from tests.fake_grsai import FakeGrsai
+
+    async with FakeGrsai(api_key="sk-by-hand") as fake:
+        env = {k: v for k, v in os.environ.items() if not k.endswith(("_TOKEN", "_API_KEY"))}
+        env.update(
+            DRAWBRIDGE_DATA_DIR=str(tmp_path / "data"),
+            GRSAI_API_KEY="sk-by-hand",
+            GRSAI_BASE_URL=fake.base_url,
+            HTTP_PORT="0",
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "generate", "--model", "nano-banana", "a fox in the snow",
+            "--ar", "16:9", "--out", "out",
+            cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 50)
+    assert proc.returncode == 0, err.decode()
+    assert "1 image(s), 0 failure(s), cost $0.0400" in out.decode()
+    assert fake.submits == 1
+    (path,) = (tmp_path / "out").glob("*.png")
+    assert path.read_bytes() in {data for data, _ in fake._files.values()}
+    assert db_rows(tmp_path, "SELECT status, provider, cost_usd FROM jobs") == [
+        ("succeeded", "grsai", 0.04)
+    ]
