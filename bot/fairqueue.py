@@ -86,7 +86,13 @@ class FairQueue:
         if key is None:
             return 0
         mine = self._by_user[key]
-        depth = next(i for i, job in enumerate(mine) if job.id == job_id)
+        if mine[-1].id == job_id:  # the common case: a job just pushed is last in its line
+            depth = len(mine) - 1
+        else:
+            depth = next(i for i, job in enumerate(mine) if job.id == job_id)
+        if depth == 0:
+            # Each user ahead in the rotation starts one job first; nobody behind does.
+            return self._rotation.index(key) + 1
         ahead = 0
         before = True
         for other in self._rotation:

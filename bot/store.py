@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -314,12 +315,33 @@ def _row_to_job(r: Any) -> Job:
     )
 
 
+_made_dirs: set[Path] = set()
+
+
 def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:
+    """Write image files before their rows are committed.
+
+    A crash mid-write leaves a file no row points at (the job runs again and rewrites it), so
+    no temp-file-and-rename dance is needed: the row, committed after this returns, is the mark
+    that the file is whole.
+    """
     for path, data in items:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # never leave a half-written image under its real name
+        folder = path.parent
+        if folder not in _made_dirs:
+            os.makedirs(folder, exist_ok=True)
+            _made_dirs.add(folder)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # the folder went away under us (cleanup, tests)
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(path, flags, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
 
 def _migrate(db: sqlite3.Connection) -> None:

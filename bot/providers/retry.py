@@ -14,6 +14,15 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, ProviderError) and exc.retryable
 
 
+def hinted_wait(exc: BaseException | None, fallback: float, cap: float) -> float:
+    """What the provider asked for (with a little jitter), else `fallback`, at most `cap`."""
+    hint = exc.retry_after if isinstance(exc, ProviderError) else None
+    if hint is not None and hint > 0:
+        # Jitter keeps many jobs told "retry in 2 s" from all coming back in the same instant.
+        return float(min(cap, hint + random.uniform(0, 0.1 * hint + 0.05)))
+    return float(min(cap, fallback))
+
+
 class wait_retry_after(wait_base):
     """Wait what the provider asked for (plus a little jitter), else back off exponentially."""
 
@@ -24,11 +33,7 @@ class wait_retry_after(wait_base):
     def __call__(self, retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None and outcome.failed else None
-        hint = exc.retry_after if isinstance(exc, ProviderError) else None
-        if hint is not None and hint > 0:
-            # Jitter keeps many jobs told "retry in 2 s" from all coming back in the same instant.
-            return float(min(self.cap, hint + random.uniform(0, 0.1 * hint + 0.05)))
-        return float(min(self.cap, self.fallback(retry_state)))
+        return hinted_wait(exc, self.fallback(retry_state), self.cap)
 
 
 def provider_retrying(
