@@ -8,9 +8,13 @@ from bot.commands import parse_command, parse_job_ref, parse_prompt, shorten
 from bot.engine import Engine
 from bot.errors import UserError
 from bot.jobs import Request, Target, Ticket, UserRef
+from bot.operator import parse_policy_changes
+from bot.stats import period, render_period
 from bot.texts import render_error, t
 
 COMMANDS = ("imagine", "usage", "jobs", "cancel", "models", "settings", "help", "start")
+USER_COMMANDS = ("link", "history", "show")
+ADMIN_COMMANDS = ("stats", "grant", "ban", "unban", "policy", "export")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +24,7 @@ class Reply:
     text: str
     ticket: Ticket | None = None
     error: bool = False
+    document: tuple[str, bytes] | None = None  # (file name, bytes) to send as a file
 
 
 class Chat:
@@ -65,6 +70,14 @@ class Chat:
                     return Reply(t(lang, "help"))
                 case "start":
                     return Reply(t(lang, "start") + "\n\n" + t(lang, "help"))
+                case "link":
+                    return Reply(await self.link(user, command.args, lang))
+                case "history":
+                    return Reply(await self.jobs_text(user, lang, limit=25))
+                case "show":
+                    return Reply(await self.show(user, target, command.args, lang))
+                case name if name in ADMIN_COMMANDS:
+                    return await self.admin(user, target, name, command.args, lang)
                 case _:
                     return Reply(t(lang, "error.unknown_command", command=command.name), error=True)
         except UserError as exc:
@@ -116,8 +129,8 @@ class Chat:
             jobs=u.active_jobs,
         )
 
-    async def jobs_text(self, user: UserRef, lang: str) -> str:
-        jobs = await self.engine.jobs(user, 10)
+    async def jobs_text(self, user: UserRef, lang: str, limit: int = 10) -> str:
+        jobs = await self.engine.jobs(user, limit)
         if not jobs:
             return t(lang, "jobs.empty")
         lines = [t(lang, "jobs.header")]
@@ -148,3 +161,76 @@ class Chat:
                     )
                 )
         return "\n".join(lines)
+
+    # ---- identity, history ------------------------------------------------------------------
+
+    async def link(self, user: UserRef, args: str, lang: str) -> str:
+        code = args.strip()
+        if not code:
+            code = await self.engine.new_link_code(user)
+            return t(lang, "link.code", code=code, minutes=10)
+        account = await self.engine.link(user, code)
+        return t(lang, "link.done", account=account)
+
+    async def show(self, user: UserRef, target: Target, args: str, lang: str) -> str:
+        job_id = parse_job_ref(args)
+        if job_id is None:
+            return t(lang, "error.show_needs_job")
+        count = await self.engine.show(user, job_id, target)
+        return t(lang, "show.done", job=job_id, n=count)
+
+    # ---- admins -------------------------------------------------------------------------------
+
+    async def admin(self, user: UserRef, target: Target, name: str, args: str, lang: str) -> Reply:
+        if not self.engine.is_admin(user):
+            return Reply(t(lang, "error.admin_only"), error=True)
+        engine = self.engine
+        words = args.split()
+        now = engine.clock()
+        actor = str(user)
+        match name:
+            case "stats":
+                return Reply(await self.stats_text(lang))
+            case "export":
+                data = await engine.usage_csv()
+                return Reply(t(lang, "export.done"), document=("drawbridge-usage.csv", data))
+            case "grant":
+                if len(words) != 2 or not words[1].isdigit() or int(words[1]) <= 0:
+                    return Reply(t(lang, "error.grant_syntax"), error=True)
+                member = _member(words[0], user)
+                account = engine.operator.account_of(member)
+                day = engine.quotas.today()
+                await engine.apply(engine.operator.grant(account, day, int(words[1]), actor, now))
+                return Reply(t(lang, "grant.done", user=member, images=int(words[1])))
+            case "ban" | "unban":
+                if len(words) != 1:
+                    return Reply(t(lang, "error.ban_syntax", command=name), error=True)
+                member = _member(words[0], user)
+                if name == "ban":
+                    await engine.apply(engine.operator.ban(member, actor, now))
+                else:
+                    await engine.apply(engine.operator.unban(member, actor, now))
+                return Reply(t(lang, f"{name}.done", user=member))
+            case _:  # policy
+                policy = engine.operator.policy(target)
+                if words:
+                    policy = parse_policy_changes(policy, words)
+                    await engine.apply(engine.operator.set_policy(policy, actor, now))
+                return Reply(t(lang, "policy.show", scope=policy.scope, policy=policy.describe()))
+
+    async def stats_text(self, lang: str) -> str:
+        engine = self.engine
+        today = engine.quotas.today()
+        week = engine.quotas.day_of(engine.clock() - 6 * 86400)
+        parts = [
+            render_period(await period(engine.store, t(lang, "stats.today"), today)),
+            render_period(await period(engine.store, t(lang, "stats.week"), week)),
+            t(lang, "stats.queue", queued=engine.queue_depth, running=engine.in_flight),
+        ]
+        return "\n".join(parts)
+
+
+def _member(arg: str, caller: UserRef) -> str:
+    """`telegram:123` as given; a bare id is taken on the caller's platform."""
+    arg = arg.strip().lstrip("@")
+    return arg if ":" in arg else f"{caller.platform}:{arg}"

@@ -16,10 +16,13 @@ from zoneinfo import ZoneInfo
 
 from bot.adapter import Adapter, StatusKind, StatusUpdate
 from bot.catalog import Catalog, ModelSpec
+from bot.dbwriter import Op
 from bot.errors import (
     BadRequest,
+    Blocked,
     DeliveryError,
     ErrorKind,
+    InvalidRequest,
     JobNotFound,
     NotAllowed,
     ProviderError,
@@ -29,11 +32,23 @@ from bot.errors import (
     UserError,
 )
 from bot.fairqueue import FairQueue
-from bot.jobs import GeneratedImage, Job, JobStatus, Request, StoredImage, Target, Ticket, UserRef
+from bot.jobs import (
+    GeneratedImage,
+    Job,
+    JobStatus,
+    Options,
+    Request,
+    StoredImage,
+    Target,
+    Ticket,
+    UserRef,
+)
+from bot.operator import Operator, scope_of
 from bot.providers.base import GenerationRequest, Provider
 from bot.providers.retry import hinted_wait, provider_retrying
 from bot.quota import Limits, Quotas
 from bot.routing import FAILOVER_KINDS, Route, Router
+from bot.stats import usage_csv
 from bot.store import Store
 from bot.texts import t
 from bot.validate import validate_request
@@ -105,11 +120,13 @@ class Engine:
         clock: Callable[[], float] = time.time,
         quotas: Quotas | None = None,
         router: Router | None = None,
+        operator: Operator | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
         self.providers = dict(providers)
         self.router = router or Router(catalog, self.providers)
+        self.operator = operator or Operator()
         self.config = config
         self.default_model = default_model
         self.clock = clock
@@ -140,22 +157,42 @@ class Engine:
             raise ShuttingDown()
         cfg = self.config
         user = str(request.user)
-        admin = user in cfg.admin_ids
-        if not cfg.allowed(user, request.target):
+        account = self.operator.account_of(user)
+        admin = user in cfg.admin_ids or account in cfg.admin_ids
+        if not cfg.allowed(user, request.target) or (not admin and self.operator.banned(user)):
             raise NotAllowed()
         spec, prompt, options = validate_request(
             request, self.catalog, self.default_model, self.router.available, cfg.max_prompt_chars
         )
+        policy = self.operator.policy(request.target)
+        if not admin:
+            if policy.models and spec.name not in policy.models:
+                allowed = ", ".join(policy.models)
+                raise InvalidRequest("error.model_not_allowed", model=spec.name, allowed=allowed)
+            if policy.max_images and options.n > policy.max_images:
+                raise InvalidRequest("error.policy_max_images", max=policy.max_images)
+        if policy.blocklist and (term := self.operator.blocklist.match(prompt)) is not None:
+            await self._record_blocked(request, spec, prompt, options, account, term)
+            raise Blocked()
         now = self.clock()
         day = self.quotas.day_of(now)
         cost = spec.cost(options.n, options.size)
+        scope = scope_of(request.target)
         # Bounds and quota are checked and taken with no await in between: of many concurrent
         # submits for the last slot, exactly one passes.
         if len(self._jobs) >= cfg.queue_max:
             raise QueueFull()
         if self._active_by_user.get(user, 0) >= cfg.max_pending_per_user:
             raise TooManyPending(max=cfg.max_pending_per_user)
-        self.quotas.reserve(user, day, options.n, cost, exempt=admin)
+        self.quotas.reserve(
+            account,
+            day,
+            options.n,
+            cost,
+            exempt=admin,
+            extra_images=self.operator.granted(account, day),
+            scope=(scope, 0 if admin else policy.daily_images),
+        )
         job = Job(
             id=new_job_id(),
             user=request.user,
@@ -171,6 +208,7 @@ class Engine:
             reserved_usd=cost,
             admin=admin,
             parent_id=parent_id,
+            account=account if account != user else "",
         )
         self._hold(job)
         try:
@@ -181,7 +219,8 @@ class Engine:
             await self.store.insert_job(job)
         except BaseException:
             self._unhold(job)
-            self.quotas.release(user, day, options.n, cost)
+            self.quotas.release(account, day, options.n, cost)
+            self.quotas.release_scope(scope, day, options.n)
             raise
         self._queue.push(job)
         self._wake()
@@ -226,18 +265,105 @@ class Engine:
 
     async def usage(self, user: UserRef) -> Usage:
         key = str(user)
+        account = self.operator.account_of(key)
         day = self.quotas.today()
-        images, usd = self.quotas.used(key, day)
+        images, usd = self.quotas.used(account, day)
         lim = self.quotas.limits
+        extra = self.operator.granted(account, day)
         return Usage(
             day=day,
             images=images,
-            image_limit=lim.user_images,
+            image_limit=lim.user_images + extra if lim.user_images else 0,
             usd=usd,
             usd_limit=lim.user_usd,
-            active_jobs=self._active_by_user.get(key, 0),
-            exempt=key in self.config.admin_ids,
+            active_jobs=sum(self._active_by_user.get(m, 0) for m in self.operator.members(account)),
+            exempt=key in self.config.admin_ids or account in self.config.admin_ids,
         )
+
+    # ---- the operator's controls ----------------------------------------------------------
+
+    def is_admin(self, user: UserRef | str) -> bool:
+        key = str(user)
+        ids = self.config.admin_ids
+        return key in ids or self.operator.account_of(key) in ids
+
+    async def usage_csv(self) -> bytes:
+        return usage_csv(await self.store.usage())
+
+    async def new_link_code(self, user: UserRef) -> str:
+        code, ops = self.operator.new_link_code(str(user), self.clock())
+        await self.store.write(*ops)
+        return code
+
+    async def show(self, user: UserRef, job_id: str, target: Target) -> int:
+        """Post a finished job's stored images again, here; returns how many."""
+        job = await self.store.get_job(job_id.lower())
+        account = self.operator.account_of(user)
+        if job is None or (
+            self.operator.account_of(job.user) != account and not self.is_admin(user)
+        ):
+            raise JobNotFound(job=job_id)
+        images = await self.store.images_for(job.id)
+        existing = [img for img in images if img.path.exists()]
+        if job.status is not JobStatus.SUCCEEDED or not existing:
+            raise UserError("error.no_images", job=job.id)
+        adapter = self.adapters.get(target.platform)
+        if adapter is None:
+            raise UserError("error.no_images", job=job.id)
+        async with asyncio.timeout(self.config.deliver_timeout):
+            await adapter.deliver(replace(job, target=target), existing)
+        return len(existing)
+
+    async def apply(self, ops: Sequence[Op]) -> None:
+        """Persist an operator change (its in-memory part is already applied)."""
+        await self.store.write(*ops)
+
+    async def link(self, joiner: UserRef, code: str) -> str:
+        """Join `joiner` to the account that asked for `code`; they share quota from now on."""
+        now = self.clock()
+        owner = await self.store.link_code_owner(code.strip(), now)
+        if owner is None:
+            raise InvalidRequest("error.link_code")
+        if self.operator.account_of(owner) == self.operator.account_of(joiner):
+            return self.operator.account_of(owner)
+        account, old, ops = self.operator.link(owner, str(joiner), now)
+        ops.append(("DELETE FROM link_codes WHERE code = ?", (code.strip(),)))
+        await self.store.write(*ops)
+        for day in (self.quotas.today(), self.quotas.day_of(now - 86400)):
+            self.quotas.merge(day, old, account)
+        log.info("linked %s into account %s", joiner, account)
+        return account
+
+    async def _record_blocked(
+        self,
+        request: Request,
+        spec: ModelSpec,
+        prompt: str,
+        options: Options,
+        account: str,
+        term: str,
+    ) -> None:
+        """A blocklisted prompt still gets a row (refused, free), so the operator sees it."""
+        now = self.clock()
+        job = Job(
+            id=new_job_id(),
+            user=request.user,
+            target=request.target,
+            prompt=prompt,
+            model=spec.name,
+            provider=spec.provider,
+            options=options,
+            status=JobStatus.REFUSED,
+            lang=request.lang,
+            day=self.quotas.day_of(now),
+            created_at=now,
+            error=f"blocklist: {term}",
+            error_kind=ErrorKind.REFUSED.value,
+            finished_at=now,
+            account=account if account != str(request.user) else "",
+        )
+        await self.store.insert_job(job)
+        log.info("✗ job=%s refused by the blocklist (%s)", job.id, term)
 
     async def jobs(self, user: UserRef, limit: int = 10) -> list[Job]:
         return await self.store.recent_jobs(user, limit)
@@ -293,8 +419,11 @@ class Engine:
             resumed += 1
         if ops:
             await self.store.write(*ops)
+        if resume:
+            self.operator = await self.store.load_operator(self.operator.blocklist)
         day = self.quotas.today()
         self.quotas.load(day, await self.store.day_totals(day))
+        self.quotas.load_scopes(day, await self.store.scope_totals(day))
         undelivered = (
             await self.store.undelivered_jobs(self.config.deliver_attempts) if resume else []
         )
@@ -380,7 +509,8 @@ class Engine:
         spec = self.catalog.get(job.model)
         assert spec is not None  # checked at submit and at start
         began = self.clock()
-        job = replace(job, status=JobStatus.RUNNING, started_at=began)
+        # The live copy: it may carry what adapters attached since it was queued.
+        job = replace(self._jobs.get(job.id, job), status=JobStatus.RUNNING, started_at=began)
         self._jobs[job.id] = job
         self._generating.add(job.id)
         try:
@@ -516,8 +646,9 @@ class Engine:
             ),
         )
         self.quotas.settle(
-            str(job.user), job.day, (job.options.n, job.reserved_usd), (len(stored), cost)
+            job.quota_key, job.day, (job.options.n, job.reserved_usd), (len(stored), cost)
         )
+        self.quotas.release_scope(scope_of(job.target), job.day, job.options.n - len(stored))
         self._unhold(job)
         job = replace(
             job,
@@ -576,7 +707,8 @@ class Engine:
                 (status.value, error, kind.value, now, job.id),
             )
         )
-        self.quotas.release(str(job.user), job.day, job.options.n, job.reserved_usd)
+        self.quotas.release(job.quota_key, job.day, job.options.n, job.reserved_usd)
+        self.quotas.release_scope(scope_of(job.target), job.day, job.options.n)
         self._unhold(job)
         job = replace(job, status=status, error=error, error_kind=kind.value, finished_at=now)
         mark = {JobStatus.REFUSED: "refused", JobStatus.CANCELLED: "cancelled"}.get(

@@ -54,6 +54,12 @@ class NotAllowed(UserError):
     key = "error.not_allowed"
 
 
+class Blocked(UserError):
+    """The prompt hit the operator's blocklist: refused at once, never sent, not charged."""
+
+    key = "error.blocked"
+
+
 class QueueFull(UserError):
     key = "error.queue_full"
 

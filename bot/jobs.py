@@ -117,10 +117,16 @@ class Job:
     delivered_at: float | None = None
     status_message_id: str | None = None
     parent_id: str | None = None
+    account: str = ""  # the quota account (a linked identity's), "" = the user itself
 
     @property
     def n_images(self) -> int:
         return self.options.n
+
+    @property
+    def quota_key(self) -> str:
+        """Whose daily images and spend this job counts against."""
+        return self.account or str(self.user)
 
 
 @dataclass(frozen=True, slots=True)

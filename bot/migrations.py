@@ -63,6 +63,62 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # v2: the operator's side. Accounts join a user's identities across platforms; bans,
+        # grants and per-chat policies are what admins change at run time; audit says who did.
+        "ALTER TABLE jobs ADD COLUMN account TEXT",
+        "CREATE INDEX jobs_account_day ON jobs(account, day)",
+        "CREATE INDEX jobs_scope_day ON jobs(platform, chat_id, day)",
+        """
+        CREATE TABLE accounts (
+            member  TEXT PRIMARY KEY,      -- platform:user_id
+            account TEXT NOT NULL,         -- the member whose quota the group shares
+            linked_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE link_codes (
+            code       TEXT PRIMARY KEY,
+            member     TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE bans (
+            member TEXT PRIMARY KEY,
+            by     TEXT NOT NULL,
+            at     REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE grants (
+            account TEXT NOT NULL,
+            day     TEXT NOT NULL,
+            images  INTEGER NOT NULL,
+            PRIMARY KEY (account, day)
+        )
+        """,
+        """
+        CREATE TABLE policies (
+            scope        TEXT PRIMARY KEY,  -- telegram-chat:<id> or discord-guild:<id>
+            models       TEXT NOT NULL DEFAULT '',
+            max_images   INTEGER NOT NULL DEFAULT 0,
+            daily_images INTEGER NOT NULL DEFAULT 0,
+            blocklist    INTEGER NOT NULL DEFAULT 1,
+            updated_by   TEXT NOT NULL,
+            updated_at   REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE audit (
+            at      REAL NOT NULL,
+            actor   TEXT NOT NULL,
+            action  TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            detail  TEXT NOT NULL DEFAULT ''
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -43,6 +43,7 @@ class Quotas:
         self._clock = clock
         self._days: dict[str, dict[str, _Tally]] = {}
         self._totals: dict[str, float] = {}
+        self._scopes: dict[tuple[str, str], int] = {}  # (chat or guild scope, day) → images
 
     def today(self) -> str:
         return self.day_of(self._clock())
@@ -54,10 +55,28 @@ class Quotas:
     def load(self, day: str, totals: Iterable[DayTotals]) -> None:
         users = self._days.setdefault(day, {})
         for row in totals:
-            tally = users.setdefault(f"{row.platform}:{row.user_id}", _Tally())
+            tally = users.setdefault(row.key, _Tally())
             tally.images += row.images
             tally.usd += row.usd
             self._totals[day] = self._totals.get(day, 0.0) + row.usd
+
+    def load_scopes(self, day: str, totals: dict[str, int]) -> None:
+        for scope, images in totals.items():
+            self._scopes[(scope, day)] = self._scopes.get((scope, day), 0) + images
+
+    def release_scope(self, scope: str, day: str, images: int) -> None:
+        key = (scope, day)
+        if key in self._scopes:
+            self._scopes[key] = max(0, self._scopes[key] - images)
+
+    def merge(self, day: str, source: str, into: str) -> None:
+        """Two identities became one account: from now on they share one tally."""
+        users = self._days.get(day, {})
+        moved = users.pop(source, None)
+        if moved is not None and source != into:
+            tally = users.setdefault(into, _Tally())
+            tally.images += moved.images
+            tally.usd += moved.usd
 
     def used(self, user: str, day: str) -> tuple[int, float]:
         tally = self._days.get(day, {}).get(user)
@@ -66,21 +85,42 @@ class Quotas:
     def spent_total(self, day: str) -> float:
         return self._totals.get(day, 0.0)
 
-    def reserve(self, user: str, day: str, images: int, usd: float, *, exempt: bool) -> None:
-        """Hold `images` and `usd` for a new job, or raise if a limit would be passed."""
+    def reserve(
+        self,
+        user: str,
+        day: str,
+        images: int,
+        usd: float,
+        *,
+        exempt: bool,
+        extra_images: int = 0,
+        scope: tuple[str, int] | None = None,
+    ) -> None:
+        """Hold `images` and `usd` for a new job, or raise if a limit would be passed.
+
+        `extra_images` is what an admin granted this user today; `scope` is the chat (or
+        guild) with its own daily image limit, counted for everyone in it.
+        """
         self._prune(day)
         users = self._days.setdefault(day, {})
         tally = users.get(user) or _Tally()
         lim = self.limits
         if not exempt:
-            if lim.user_images and tally.images + images > lim.user_images:
-                raise QuotaExceeded("error.quota_images", used=tally.images, limit=lim.user_images)
+            image_limit = lim.user_images + extra_images if lim.user_images else 0
+            if image_limit and tally.images + images > image_limit:
+                raise QuotaExceeded("error.quota_images", used=tally.images, limit=image_limit)
             if lim.user_usd and tally.usd + usd > lim.user_usd + _EPS:
                 raise QuotaExceeded(
                     "error.quota_usd", used=f"{tally.usd:.2f}", limit=f"{lim.user_usd:.2f}"
                 )
             if lim.budget_usd and self._totals.get(day, 0.0) + usd > lim.budget_usd + _EPS:
                 raise BudgetExceeded()
+            if scope is not None and scope[1]:
+                held = self._scopes.get((scope[0], day), 0)
+                if held + images > scope[1]:
+                    raise QuotaExceeded("error.quota_chat", used=held, limit=scope[1])
+        if scope is not None:
+            self._scopes[(scope[0], day)] = self._scopes.get((scope[0], day), 0) + images
         users[user] = tally
         tally.images += images
         tally.usd += usd
@@ -108,3 +148,5 @@ class Quotas:
                 if day != today:
                     self._days.pop(day, None)
                     self._totals.pop(day, None)
+                    for key in [k for k in self._scopes if k[1] == day]:
+                        del self._scopes[key]

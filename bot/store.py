@@ -19,6 +19,7 @@ from bot.dbwriter import GroupWriter, Op
 from bot.images import extension_for
 from bot.jobs import GeneratedImage, Job, JobStatus, Options, StoredImage, Target, UserRef
 from bot.migrations import MIGRATIONS
+from bot.operator import Blocklist, Operator, scope_of
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ _JOB_COLUMNS = (
     "id, platform, user_id, chat_id, thread_id, reply_to, guild_id, target_meta, status_message_id, "
     "lang, prompt, model, provider, n_images, aspect_ratio, size, seed, refs, status, day, admin, "
     "reserved_usd, cost_usd, error, error_kind, task_id, created_at, started_at, finished_at, "
-    "delivered_at, parent_id"
+    "delivered_at, parent_id, account"
 )
 
 
@@ -46,10 +47,9 @@ class UsageRow:
 
 @dataclass(frozen=True, slots=True)
 class DayTotals:
-    """What one user has used or holds reserved on one day: the base the quotas are checked on."""
+    """What one account has used or holds reserved on one day: the base quotas are checked on."""
 
-    platform: str
-    user_id: str
+    key: str  # the quota account: platform:user_id, or the account it is linked into
     images: int
     usd: float
 
@@ -213,15 +213,54 @@ class Store:
         ]
 
     async def day_totals(self, day: str) -> list[DayTotals]:
-        """Per user: images and dollars held (queued, running) or spent (succeeded) on `day`."""
+        """Per account: images and dollars held (queued, running) or spent (succeeded) on `day`."""
         rows = await self._rdb.execute_fetchall(
-            "SELECT platform, user_id, SUM(n_images), "
-            "SUM(CASE WHEN status = 'succeeded' THEN cost_usd ELSE reserved_usd END) "
-            "FROM jobs WHERE day = ? AND status IN ('queued','running','succeeded') "
-            "GROUP BY platform, user_id",
+            "SELECT COALESCE(a.account, j.platform || ':' || j.user_id) AS k, SUM(j.n_images), "
+            "SUM(CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE j.reserved_usd END) "
+            "FROM jobs j LEFT JOIN accounts a ON a.member = j.platform || ':' || j.user_id "
+            "WHERE j.day = ? AND j.status IN ('queued','running','succeeded') "
+            "GROUP BY k",
             (day,),
         )
-        return [DayTotals(r[0], r[1], int(r[2] or 0), float(r[3] or 0.0)) for r in rows]
+        return [DayTotals(str(r[0]), int(r[1] or 0), float(r[2] or 0.0)) for r in rows]
+
+    async def scope_totals(self, day: str) -> dict[str, int]:
+        """Images held or made per chat (and Discord guild) on `day`, for per-chat limits."""
+        rows = await self._rdb.execute_fetchall(
+            "SELECT platform, chat_id, guild_id, SUM(n_images) FROM jobs "
+            "WHERE day = ? AND status IN ('queued','running','succeeded') "
+            "GROUP BY platform, chat_id, guild_id",
+            (day,),
+        )
+        totals: dict[str, int] = {}
+        for platform, chat_id, guild_id, images in rows:
+            scope = scope_of(Target(platform, chat_id=chat_id, guild_id=guild_id))
+            totals[scope] = totals.get(scope, 0) + int(images or 0)
+        return totals
+
+    async def load_operator(self, blocklist: Blocklist | None = None) -> Operator:
+        """The operator tables, for the checks submit makes in memory."""
+        return Operator.from_rows(
+            await self._rdb.execute_fetchall("SELECT member, account FROM accounts"),
+            await self._rdb.execute_fetchall("SELECT member FROM bans"),
+            await self._rdb.execute_fetchall("SELECT account, day, images FROM grants"),
+            await self._rdb.execute_fetchall(
+                "SELECT scope, models, max_images, daily_images, blocklist FROM policies"
+            ),
+            blocklist,
+        )
+
+    async def link_code_owner(self, code: str, now: float) -> str | None:
+        rows = list(
+            await self._rdb.execute_fetchall(
+                "SELECT member FROM link_codes WHERE code = ? AND expires_at >= ?", (code, now)
+            )
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """A read query on the reader connection (rows support index and name access)."""
+        return list(await self._rdb.execute_fetchall(sql, params))
 
     async def usage(self, since_day: str | None = None) -> list[UsageRow]:
         where, params = ("WHERE day >= ?", (since_day,)) if since_day else ("", ())
@@ -241,7 +280,7 @@ class Store:
 def insert_job_op(job: Job) -> Op:
     t, o = job.target, job.options
     return (
-        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 31)})",
+        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 32)})",
         (
             job.id,
             job.user.platform,
@@ -274,6 +313,7 @@ def insert_job_op(job: Job) -> Op:
             job.finished_at,
             job.delivered_at,
             job.parent_id,
+            job.account or None,
         ),
     )
 
@@ -312,6 +352,7 @@ def _row_to_job(r: Any) -> Job:
         delivered_at=r["delivered_at"],
         status_message_id=r["status_message_id"],
         parent_id=r["parent_id"],
+        account=r["account"] or "",
     )
 
 

@@ -74,6 +74,8 @@ EN: dict[str, str] = {
         "/cancel [job] — cancel your latest (or that) job\n"
         "/models — the models you can use\n"
         "/settings — your defaults\n"
+        "/history — your last jobs · /show <job> — post its images again\n"
+        "/link — share your limit with your account on the other platform\n"
         "/help — this text"
     ),
     "start": "Hi! I turn your words into images. Try: /imagine a lighthouse at dusk --ar 16:9",
@@ -92,6 +94,66 @@ EN: dict[str, str] = {
     "caption": "{prompt}\n{model} · seed {seed} · job {job}",
     "delivered.saved": "✅ Job {job} done. Saved:{paths}",
     "batch.summary": "{images} image(s), {failures} failure(s), cost {cost}, {seconds} s",
+    # ---- Telegram ----
+    "caption.random": "{prompt}\n{model} · job {job}",
+    "result.album": "🖼 {n} images · {model} · job {job}",
+    "button.reroll": "🔄 Reroll",
+    "button.original": "📎 Original file",
+    "button.cancel": "✖ Cancel",
+    "button.rerolled": "🔄 Rerolling as job {job}",
+    "original.already_sent": "The original file was already sent above.",
+    "notice.repeated": "{text} (×{count})",
+    "hint.photo_needs_caption": (
+        "Add a caption to the photo saying what to make of it, e.g. “turn it into a watercolor”."
+    ),
+    "hint.unsupported": "I read text and photos. Send a prompt, e.g. /imagine a lighthouse at dusk",
+    "error.reference_too_big": "That image is too large to use as a reference (limit {max_mb} MB).",
+    "error.reference_download": "I could not fetch that image from Telegram. Please send it again.",
+    "menu.imagine": "Make an image: /imagine a fox in the snow --ar 16:9",
+    "menu.usage": "What you have used today",
+    "menu.jobs": "Your recent jobs",
+    "menu.cancel": "Cancel your latest (or a given) job",
+    "menu.models": "The models you can use",
+    "menu.settings": "Your defaults",
+    "menu.help": "How to use the bot",
+    # ---- Discord ----
+    "discord.cmd.imagine": "Make an image from a prompt",
+    "discord.opt.prompt": "What to draw",
+    "discord.opt.aspect_ratio": "Aspect ratio, e.g. 16:9",
+    "discord.opt.model": "Model (see /models)",
+    "discord.opt.count": "How many images",
+    "discord.opt.size": "Size, e.g. 1K or 2K, as the model allows",
+    "discord.opt.seed": "Seed, for repeatable results",
+    "discord.opt.image": "A reference image (PNG, JPEG or WebP)",
+    "discord.opt.job": "Job id (default: your latest)",
+    "discord.scaled": "(Shrunk to fit Discord's {limit} upload limit.)",
+    "discord.no_permission": (
+        "I can't post in <#{channel}>: I'm missing permissions there (View Channel, Send "
+        "Messages, Attach Files). Please ask a server admin."
+    ),
+    "discord.moved_to_dm": "I couldn't post in <#{channel}> (missing permissions), so here it is.",
+    "error.blocked": "🚫 That prompt is not allowed here. Nothing was sent and you were not charged.",
+    "error.link_code": "That link code is wrong or has expired. Send /link on the other platform for a new one.",
+    "error.policy_syntax": "Use: /policy {keys}",
+    "error.quota_chat": "This chat has used {used} of its {limit} images today. The limit resets tomorrow.",
+    "error.model_not_allowed": "{model} is not allowed in this chat. Allowed here: {allowed}.",
+    "error.policy_max_images": "This chat allows at most {max} images per request.",
+    "error.show_needs_job": "Which job? Use /show <job id> (see /history).",
+    "error.no_images": "Job {job} has no stored images to show.",
+    "error.admin_only": "Only the bot's admins can do that.",
+    "error.grant_syntax": "Use: /grant <user> <images>, e.g. /grant telegram:123 10",
+    "error.ban_syntax": "Use: /{command} <user>, e.g. /{command} telegram:123",
+    "link.code": "Your link code: {code}. Within {minutes} minutes, send /link {code} to this bot on the other platform; both accounts will then share one daily limit and history.",
+    "link.done": "✅ Linked: your accounts now share one daily limit ({account}).",
+    "show.done": "Here are the {n} image(s) of job {job}.",
+    "export.done": "Usage by day, user and model (CSV).",
+    "grant.done": "✅ {user} gets {images} extra image(s) today.",
+    "ban.done": "⛔ {user} is banned.",
+    "unban.done": "✅ {user} is no longer banned.",
+    "policy.show": "Policy for {scope}: {policy}",
+    "stats.today": "Today",
+    "stats.week": "7 days",
+    "stats.queue": "Queue: {queued} waiting · {running} running",
     "console.welcome": (
         "drawbridge console · model {model} · type /help, or /quit to leave.\n"
         "Try: /imagine a lighthouse --n 2 --ar 16:9"
@@ -153,6 +215,8 @@ ZH: dict[str, str] = {
         "/cancel [任务] — 取消最近（或指定）的任务\n"
         "/models — 可用的模型\n"
         "/settings — 你的默认设置\n"
+        "/history — 最近的任务 · /show <任务> — 重新发送它的图片\n"
+        "/link — 与另一个平台上的账号共享额度\n"
         "/help — 本帮助"
     ),
     "start": "你好！我能把文字变成图片。试试：/imagine 黄昏的灯塔 --ar 16:9",
@@ -168,6 +232,59 @@ ZH: dict[str, str] = {
     "caption": "{prompt}\n{model} · 种子 {seed} · 任务 {job}",
     "delivered.saved": "✅ 任务 {job} 完成。已保存：{paths}",
     "batch.summary": "{images} 张图，{failures} 个失败，花费 {cost}，用时 {seconds} 秒",
+    "caption.random": "{prompt}\n{model} · 任务 {job}",
+    "result.album": "🖼 {n} 张图 · {model} · 任务 {job}",
+    "button.reroll": "🔄 重新生成",
+    "button.original": "📎 原图文件",
+    "button.cancel": "✖ 取消",
+    "button.rerolled": "🔄 已重新提交为任务 {job}",
+    "original.already_sent": "原图文件已在上方发送。",
+    "notice.repeated": "{text}（×{count}）",
+    "hint.photo_needs_caption": "请给图片加上说明文字，告诉我要怎么处理，例如“改成水彩画风格”。",
+    "hint.unsupported": "我能读取文字和图片。请发送提示词，例如 /imagine 黄昏的灯塔",
+    "error.reference_too_big": "这张图片太大，无法作为参考图（上限 {max_mb} MB）。",
+    "error.reference_download": "无法从 Telegram 获取这张图片，请重新发送。",
+    "menu.imagine": "生成图片：/imagine 雪中的狐狸 --ar 16:9",
+    "menu.usage": "今天的用量",
+    "menu.jobs": "最近的任务",
+    "menu.cancel": "取消最近（或指定）的任务",
+    "menu.models": "可用的模型",
+    "menu.settings": "你的默认设置",
+    "menu.help": "使用说明",
+    "discord.cmd.imagine": "根据提示词生成图片",
+    "discord.opt.prompt": "要画什么",
+    "discord.opt.aspect_ratio": "宽高比，例如 16:9",
+    "discord.opt.model": "模型（见 /models）",
+    "discord.opt.count": "生成几张",
+    "discord.opt.size": "尺寸，例如 1K 或 2K（视模型而定）",
+    "discord.opt.seed": "种子，用于复现结果",
+    "discord.opt.image": "参考图（PNG、JPEG 或 WebP）",
+    "discord.opt.job": "任务编号（默认：最近的任务）",
+    "discord.scaled": "（已缩小以符合 Discord 的 {limit} 上传限制。）",
+    "discord.no_permission": "我无法在 <#{channel}> 发消息：缺少权限（查看频道、发送消息、附加文件）。请联系服务器管理员。",
+    "discord.moved_to_dm": "我无法在 <#{channel}> 发消息（缺少权限），所以发到这里。",
+    "error.blocked": "🚫 此处不允许这个提示词。未发送，也未扣费。",
+    "error.link_code": "链接码错误或已过期。请在另一个平台发送 /link 获取新的链接码。",
+    "error.policy_syntax": "用法：/policy {keys}",
+    "error.quota_chat": "本群今天已用 {used}/{limit} 张图，明天重置。",
+    "error.model_not_allowed": "本群不允许使用 {model}。可用：{allowed}。",
+    "error.policy_max_images": "本群每次最多生成 {max} 张图。",
+    "error.show_needs_job": "哪个任务？用 /show <任务编号>（见 /history）。",
+    "error.no_images": "任务 {job} 没有可显示的图片。",
+    "error.admin_only": "只有机器人管理员可以这样做。",
+    "error.grant_syntax": "用法：/grant <用户> <张数>，例如 /grant telegram:123 10",
+    "error.ban_syntax": "用法：/{command} <用户>，例如 /{command} telegram:123",
+    "link.code": "你的链接码：{code}。请在 {minutes} 分钟内到另一个平台向本机器人发送 /link {code}，两个账号将共享每日额度和历史。",
+    "link.done": "✅ 已链接：你的账号现在共享同一个每日额度（{account}）。",
+    "show.done": "这是任务 {job} 的 {n} 张图片。",
+    "export.done": "按日期、用户和模型统计的用量（CSV）。",
+    "grant.done": "✅ {user} 今天额外获得 {images} 张图。",
+    "ban.done": "⛔ 已封禁 {user}。",
+    "unban.done": "✅ 已解除对 {user} 的封禁。",
+    "policy.show": "{scope} 的策略：{policy}",
+    "stats.today": "今天",
+    "stats.week": "7 天",
+    "stats.queue": "队列：{queued} 个等待 · {running} 个运行中",
     "console.welcome": (
         "drawbridge 控制台 · 模型 {model} · 输入 /help，或 /quit 退出。\n"
         "试试：/imagine 灯塔 --n 2 --ar 16:9"

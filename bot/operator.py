@@ -1,0 +1,257 @@
+"""The operator's controls: bans, extra images, per-chat policy, linked accounts, the blocklist.
+
+All of it lives in SQLite (migration v2) and in memory for the checks `Engine.submit` makes
+without an `await`. Every change is one write unit with its audit row: who changed what, when.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bot.dbwriter import Op
+from bot.errors import InvalidRequest, SettingsError
+from bot.jobs import Target, UserRef
+
+LINK_CODE_TTL = 600.0
+
+
+def scope_of(target: Target) -> str:
+    """The policy scope of a place: a Discord guild, else the chat."""
+    if target.platform == "discord" and target.guild_id:
+        return f"discord-guild:{target.guild_id}"
+    return f"{target.platform}-chat:{target.chat_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What one chat or guild allows; zero or empty means "no own limit"."""
+
+    scope: str
+    models: tuple[str, ...] = ()
+    max_images: int = 0
+    daily_images: int = 0
+    blocklist: bool = True
+
+    def describe(self) -> str:
+        models = ", ".join(self.models) if self.models else "all"
+        return (
+            f"models={models} max_images={self.max_images or '-'} "
+            f"daily_images={self.daily_images or '-'} blocklist={'on' if self.blocklist else 'off'}"
+        )
+
+
+POLICY_KEYS = ("models", "max_images", "daily_images", "blocklist")
+
+
+def parse_policy_changes(policy: Policy, args: Sequence[str]) -> Policy:
+    """`models=a,b max_images=2 daily_images=50 blocklist=off` applied to `policy`."""
+    changes: dict[str, Any] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in POLICY_KEYS:
+            raise InvalidRequest(
+                "error.policy_syntax", keys=" ".join(f"{k}=…" for k in POLICY_KEYS)
+            )
+        value = value.strip()
+        if key == "models":
+            changes[key] = tuple(
+                m for m in (v.strip() for v in value.split(",")) if m and m != "all"
+            )
+        elif key == "blocklist":
+            if value.lower() not in ("on", "off", "true", "false", "1", "0"):
+                raise InvalidRequest("error.policy_syntax", keys="blocklist=on|off")
+            changes[key] = value.lower() in ("on", "true", "1")
+        else:
+            if not value.isdigit():
+                raise InvalidRequest("error.policy_syntax", keys=f"{key}=<number>")
+            changes[key] = int(value)
+    return replace(policy, **changes)
+
+
+class Blocklist:
+    """Words and patterns refused at submit, in any language.
+
+    A file of one entry a line: a plain entry matches anywhere in the prompt, case- and
+    width-insensitively (so Chinese works as well as English); `re:` starts a regular
+    expression; `#` starts a comment.
+    """
+
+    def __init__(self, entries: Iterable[str] = ()) -> None:
+        self.words: list[str] = []
+        self.patterns: list[re.Pattern[str]] = []
+        for raw in entries:
+            entry = raw.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            if entry.startswith("re:"):
+                self.patterns.append(re.compile(entry[3:], re.IGNORECASE))
+            else:
+                self.words.append(_fold(entry))
+
+    @classmethod
+    def load(cls, path: Path | None) -> Blocklist:
+        if path is None:
+            return cls()
+        try:
+            return cls(path.read_text(encoding="utf-8").splitlines())
+        except OSError as exc:
+            raise SettingsError(f"BLOCKLIST_FILE: cannot read {path} ({exc.strerror})") from None
+        except re.error as exc:
+            raise SettingsError(f"BLOCKLIST_FILE: bad pattern in {path} ({exc})") from None
+
+    def __bool__(self) -> bool:
+        return bool(self.words or self.patterns)
+
+    def match(self, prompt: str) -> str | None:
+        """The entry the prompt hits, or None."""
+        folded = _fold(prompt)
+        for word in self.words:
+            if word in folded:
+                return word
+        for pattern in self.patterns:
+            if pattern.search(prompt) or pattern.search(folded):
+                return pattern.pattern
+        return None
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+@dataclass
+class Operator:
+    """In-memory copy of the operator tables; methods return the ops that persist a change."""
+
+    accounts: dict[str, str] = field(default_factory=dict)  # member → account
+    bans: set[str] = field(default_factory=set)
+    grants: dict[tuple[str, str], int] = field(default_factory=dict)  # (account, day) → images
+    policies: dict[str, Policy] = field(default_factory=dict)
+    blocklist: Blocklist = field(default_factory=Blocklist)
+
+    @classmethod
+    def from_rows(
+        cls,
+        accounts: Iterable[Sequence[Any]],
+        bans: Iterable[Sequence[Any]],
+        grants: Iterable[Sequence[Any]],
+        policies: Iterable[Sequence[Any]],
+        blocklist: Blocklist | None = None,
+    ) -> Operator:
+        op = cls(blocklist=blocklist or Blocklist())
+        op.accounts = {str(r[0]): str(r[1]) for r in accounts}
+        op.bans = {str(r[0]) for r in bans}
+        op.grants = {(str(r[0]), str(r[1])): int(r[2]) for r in grants}
+        for r in policies:
+            models = tuple(m for m in str(r[1]).split(",") if m)
+            op.policies[str(r[0])] = Policy(str(r[0]), models, int(r[2]), int(r[3]), bool(r[4]))
+        return op
+
+    # ---- reads (no await: used inside submit's check-and-reserve) --------------------------
+
+    def account_of(self, user: UserRef | str) -> str:
+        key = str(user)
+        return self.accounts.get(key, key)
+
+    def members(self, account: str) -> list[str]:
+        return sorted({account, *(m for m, a in self.accounts.items() if a == account)})
+
+    def banned(self, user: UserRef | str) -> bool:
+        key = str(user)
+        return key in self.bans or self.account_of(key) in self.bans
+
+    def granted(self, account: str, day: str) -> int:
+        return self.grants.get((account, day), 0)
+
+    def policy(self, target: Target) -> Policy:
+        scope = scope_of(target)
+        return self.policies.get(scope) or Policy(scope)
+
+    # ---- changes -------------------------------------------------------------------------
+
+    def ban(self, member: str, actor: str, now: float) -> list[Op]:
+        self.bans.add(member)
+        return [
+            ("INSERT OR REPLACE INTO bans (member, by, at) VALUES (?, ?, ?)", (member, actor, now)),
+            _audit(now, actor, "ban", member),
+        ]
+
+    def unban(self, member: str, actor: str, now: float) -> list[Op]:
+        self.bans.discard(member)
+        return [
+            ("DELETE FROM bans WHERE member = ?", (member,)),
+            _audit(now, actor, "unban", member),
+        ]
+
+    def grant(self, account: str, day: str, images: int, actor: str, now: float) -> list[Op]:
+        total = self.grants.get((account, day), 0) + images
+        self.grants[(account, day)] = total
+        return [
+            (
+                "INSERT INTO grants (account, day, images) VALUES (?, ?, ?) "
+                "ON CONFLICT(account, day) DO UPDATE SET images = excluded.images",
+                (account, day, total),
+            ),
+            _audit(now, actor, "grant", account, f"+{images} images on {day} (now {total})"),
+        ]
+
+    def set_policy(self, policy: Policy, actor: str, now: float) -> list[Op]:
+        self.policies[policy.scope] = policy
+        return [
+            (
+                "INSERT OR REPLACE INTO policies "
+                "(scope, models, max_images, daily_images, blocklist, updated_by, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    policy.scope,
+                    ",".join(policy.models),
+                    policy.max_images,
+                    policy.daily_images,
+                    int(policy.blocklist),
+                    actor,
+                    now,
+                ),
+            ),
+            _audit(now, actor, "policy", policy.scope, policy.describe()),
+        ]
+
+    def new_link_code(self, member: str, now: float) -> tuple[str, list[Op]]:
+        code = f"{secrets.randbelow(10**6):06d}"
+        return code, [
+            ("DELETE FROM link_codes WHERE member = ? OR expires_at < ?", (member, now)),
+            (
+                "INSERT OR REPLACE INTO link_codes (code, member, expires_at) VALUES (?, ?, ?)",
+                (code, member, now + LINK_CODE_TTL),
+            ),
+        ]
+
+    def link(self, owner: str, joiner: str, now: float) -> tuple[str, str, list[Op]]:
+        """Join `joiner`'s account into `owner`'s; returns (account, the old account, ops)."""
+        account = self.account_of(owner)
+        old = self.account_of(joiner)
+        moved = [m for m in self.members(old)]
+        ops: list[Op] = []
+        for member in {owner, *moved}:
+            self.accounts[member] = account
+            ops.append(
+                (
+                    "INSERT OR REPLACE INTO accounts (member, account, linked_at) VALUES (?, ?, ?)",
+                    (member, account, now),
+                )
+            )
+        ops.append(_audit(now, joiner, "link", account, json.dumps(sorted(moved))))
+        return account, old, ops
+
+
+def _audit(now: float, actor: str, action: str, subject: str, detail: str = "") -> Op:
+    return (
+        "INSERT INTO audit (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
+        (now, actor, action, subject, detail),
+    )
