@@ -1,0 +1,348 @@
+"""The Discord adapter: slash commands and buttons in, through discord.py, to the engine.
+
+Every interaction is acknowledged (deferred) before any other I/O, well inside Discord's three
+seconds. A job's status lives in the deferred response, edited in place (coalesced); its images
+come as a followup. Interaction tokens last 15 minutes, so each job keeps what it needs of its
+interaction in `Target.meta`; a job that ends later, after a restart, or whose acknowledgement
+Discord refused (10062) is answered in the channel instead, mentioning its user (see
+`adapters.discord_outbox`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+
+from adapters.discord_commands import add_commands
+from adapters.discord_outbox import DiscordOutbox
+from adapters.discord_parts import (
+    ALREADY_ACKNOWLEDGED,
+    CancelButton,
+    DrawbridgeClient,
+    Inter,
+    InteractionMeta,
+    RerollButton,
+    TextsTranslator,
+)
+from bot.adapter import StatusUpdate
+from bot.chat import Chat
+from bot.engine import Engine
+from bot.errors import InvalidRequest, SettingsError, UserError
+from bot.jobs import Job, Options, Request, StoredImage, Target, UserRef
+from bot.texts import pick_lang, render_error, t
+from bot.validate import MAX_REFERENCE_BYTES
+
+log = logging.getLogger("drawbridge.discord")
+
+DEFAULT_API_URL = "https://discord.com/api/v10"
+DEFAULT_GATEWAY_URL = "wss://gateway.discord.gg/"
+REFERENCE_TYPES = ("image/png", "image/jpeg", "image/webp")
+
+
+class DiscordAdapter:
+    """Discord through discord.py: one client, one command tree, the engine's Adapter protocol.
+
+    `api_url` and `gateway_url` point the client at a REST or gateway proxy (or a test server).
+    discord.py reads both from class attributes, so they are set at `open` and restored at
+    `close`; one process runs one Discord client.
+    """
+
+    platform = "discord"
+
+    def __init__(
+        self,
+        engine: Engine,
+        token: str,
+        api_url: str = DEFAULT_API_URL,
+        gateway_url: str = DEFAULT_GATEWAY_URL,
+        guild_ids: Collection[str] = (),
+        *,
+        clock: Callable[[], float] = time.time,
+        edit_interval: float = 1.0,
+        first_edit_delay: float = 0.3,
+        position_interval: float = 5.0,
+        guild_ready_timeout: float = 2.0,
+        max_reference_bytes: int = MAX_REFERENCE_BYTES,
+    ) -> None:
+        self.engine = engine
+        self.chat = Chat(engine)
+        self._token = token
+        self.api_url = api_url.rstrip("/")
+        self.gateway_url = gateway_url
+        self.guild_ids = tuple(str(g) for g in guild_ids)
+        self.position_interval = position_interval
+        self.guild_ready_timeout = guild_ready_timeout
+        self.max_reference_bytes = max_reference_bytes
+        self.outbox = DiscordOutbox(
+            engine, clock=clock, edit_interval=edit_interval, first_edit_delay=first_edit_delay
+        )
+        self.client: DrawbridgeClient | None = None
+        self.tree: app_commands.CommandTree[DrawbridgeClient] | None = None
+        self._accepting = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._saved: tuple[str, yarl.URL] | None = None
+
+    # ---- lifecycle (bot.app.Service) -------------------------------------------------------
+
+    async def open(self) -> None:
+        """Log in over REST (able to deliver from here on), and register with the engine."""
+        self._point_at_endpoints()
+        client = DrawbridgeClient(
+            self,
+            # Interactions need no intents; GUILDS (not privileged) keeps channels resolvable.
+            intents=discord.Intents(guilds=True),
+            allowed_mentions=discord.AllowedMentions.none(),
+            guild_ready_timeout=self.guild_ready_timeout,
+        )
+        tree: app_commands.CommandTree[DrawbridgeClient] = app_commands.CommandTree(client)
+        tree.error(self._on_tree_error)
+        await tree.set_translator(TextsTranslator())
+        add_commands(tree, self)
+        client.add_dynamic_items(RerollButton, CancelButton)
+        self.client, self.tree = client, tree
+        self.outbox.bind(client)
+        try:
+            await client.login(self._token)
+        except BaseException as exc:
+            await client.close()
+            self._restore_endpoints()
+            if isinstance(exc, discord.LoginFailure):
+                raise SettingsError("DISCORD_BOT_TOKEN: Discord rejected the token") from None
+            raise
+        self.engine.register(self)
+
+    async def start(self) -> None:
+        """Sync the commands (globally and to the configured guilds) and connect the gateway."""
+        client, tree = self._require()
+        try:
+            await tree.sync()
+            for guild_id in self.guild_ids:
+                guild = discord.Object(int(guild_id))
+                tree.copy_global_to(guild=guild)
+                await tree.sync(guild=guild)
+        except discord.HTTPException as exc:
+            log.error("discord: could not sync the slash commands (%s %s)", exc.status, exc.text)
+        self._accepting = True
+        self._spawn(self._connect(client), "discord-gateway")
+        self._spawn(self.outbox.refresh_positions(self.position_interval), "discord-positions")
+
+    async def stop_intake(self) -> None:
+        """New commands are answered "restarting"; deliveries and status edits go on."""
+        self._accepting = False
+
+    async def close(self) -> None:
+        await self.outbox.close()
+        if self.client is not None:
+            await self.client.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._restore_endpoints()
+
+    def _point_at_endpoints(self) -> None:
+        self._saved = (discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+        discord.http.Route.BASE = self.api_url
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.gateway_url)
+
+    def _restore_endpoints(self) -> None:
+        if self._saved is None:
+            return
+        base, gateway = self._saved
+        if self.api_url == discord.http.Route.BASE:
+            discord.http.Route.BASE = base
+        if yarl.URL(self.gateway_url) == discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY:
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = gateway
+        self._saved = None
+
+    async def _connect(self, client: DrawbridgeClient) -> None:
+        try:
+            await client.connect(reconnect=True)
+        except discord.PrivilegedIntentsRequired:
+            log.error("discord: the gateway asks for privileged intents; drawbridge needs none")
+        except discord.LoginFailure:
+            log.error("discord: the gateway rejected DISCORD_BOT_TOKEN")
+        except Exception:
+            if not client.is_closed():
+                log.exception("discord: the gateway connection ended")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _require(self) -> tuple[DrawbridgeClient, app_commands.CommandTree[DrawbridgeClient]]:
+        if self.client is None or self.tree is None:
+            raise RuntimeError("DiscordAdapter.open() was not called")
+        return self.client, self.tree
+
+    # ---- interactions ---------------------------------------------------------------------
+
+    async def _defer(self, interaction: Inter, *, ephemeral: bool) -> int | None:
+        """Acknowledge at once; the id of the response message (0 if unknown), None if refused."""
+        try:
+            response = await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+        except discord.HTTPException as exc:
+            if exc.code == ALREADY_ACKNOWLEDGED:
+                return 0
+            log.warning(
+                "discord: interaction %s could not be acknowledged (%s %s); a job it asked "
+                "for is answered in the channel",
+                interaction.id,
+                exc.status,
+                exc.code,
+            )
+            return None
+        return (response.message_id if response is not None else None) or 0
+
+    async def ephemeral(
+        self, interaction: Inter, answer: Callable[[UserRef, str], Awaitable[str]]
+    ) -> None:
+        """Defer (only the user sees it), compute the answer, edit it in."""
+        if await self._defer(interaction, ephemeral=True) is None:
+            return
+        lang = _lang(interaction)
+        try:
+            reply = await answer(_user(interaction), lang)
+        except UserError as exc:
+            reply = render_error(lang, exc)
+        await self._edit_original(interaction, reply)
+
+    async def _edit_original(self, interaction: Inter, content: str) -> None:
+        try:
+            await interaction.edit_original_response(content=content[:2000])
+        except discord.HTTPException as exc:
+            log.warning("discord: answer to interaction %s not shown (%s)", interaction.id, exc)
+
+    async def _refuse(self, interaction: Inter, acked: int | None, text: str) -> None:
+        """Tell only the user why their /imagine was refused; the public placeholder goes."""
+        if acked is None:
+            return
+        try:
+            await interaction.followup.send(text[:2000], ephemeral=True)
+            await interaction.delete_original_response()
+        except discord.HTTPException as exc:
+            log.warning("discord: refusal for interaction %s not shown (%s)", interaction.id, exc)
+
+    async def imagine(
+        self,
+        interaction: Inter,
+        prompt: str,
+        options: Options,
+        model: str | None,
+        image: discord.Attachment | None,
+    ) -> None:
+        acked = await self._defer(interaction, ephemeral=False)
+        lang = _lang(interaction)
+        try:
+            if not self._accepting:
+                raise UserError("error.shutting_down")
+            refs = (await self._reference(image),) if image is not None else ()
+            request = Request(
+                user=_user(interaction),
+                target=self._target(interaction, acked),
+                prompt=prompt,
+                options=options,
+                model=model,
+                reference_images=refs,
+                lang=lang,
+            )
+            ticket = await self.engine.submit(request)
+        except UserError as exc:
+            await self._refuse(interaction, acked, render_error(lang, exc))
+            return
+        await self.outbox.track(ticket.job_id, interaction, acked)
+
+    async def _reference(self, image: discord.Attachment) -> bytes:
+        """The attachment's bytes, only for an image of an accepted type within the size cap."""
+        ctype = (image.content_type or "").split(";")[0].strip().lower()
+        if ctype not in REFERENCE_TYPES:
+            raise InvalidRequest("error.reference_unreadable")
+        if image.size > self.max_reference_bytes:
+            raise InvalidRequest(
+                "error.reference_too_big", max_mb=self.max_reference_bytes // 1_000_000
+            )
+        try:
+            data = await image.read()
+        except discord.HTTPException:
+            raise InvalidRequest("error.reference_unreadable") from None
+        if len(data) > self.max_reference_bytes:
+            raise InvalidRequest(
+                "error.reference_too_big", max_mb=self.max_reference_bytes // 1_000_000
+            )
+        return data
+
+    def _target(self, interaction: Inter, acked: int | None) -> Target:
+        meta = InteractionMeta(
+            application_id=str(interaction.application_id),
+            token=interaction.token if acked is not None else None,
+            created_at=interaction.created_at.timestamp(),
+            size_limit=interaction.filesize_limit,
+            interaction_id=str(interaction.id),
+        )
+        channel = interaction.channel
+        return Target(
+            platform=self.platform,
+            chat_id=str(interaction.channel_id or 0),
+            thread_id=str(channel.id) if isinstance(channel, discord.Thread) else None,
+            guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+            meta=meta.dump(),
+        )
+
+    async def _on_tree_error(self, interaction: Inter, error: app_commands.AppCommandError) -> None:
+        log.error("discord: command failed", exc_info=error)
+        if interaction.response.is_done():
+            await self._edit_original(interaction, t(_lang(interaction), "error.generic"))
+
+    # ---- buttons (adapters.discord_parts.ButtonHandler) ------------------------------------
+
+    async def on_reroll(self, interaction: Inter, job_id: str) -> None:
+        """🔄: the same request again, as a new job with its own status message."""
+        acked = await self._defer(interaction, ephemeral=False)
+        lang = _lang(interaction)
+        try:
+            if not self._accepting:
+                raise UserError("error.shutting_down")
+            target = self._target(interaction, acked)
+            ticket = await self.engine.reroll(_user(interaction), job_id, target)
+        except UserError as exc:
+            await self._refuse(interaction, acked, render_error(lang, exc))
+            return
+        await self.outbox.track(ticket.job_id, interaction, acked)
+
+    async def on_cancel(self, interaction: Inter, job_id: str) -> None:
+        """✖: cancel the job (only its owner may); the job's status message says so itself."""
+        if await self._defer(interaction, ephemeral=True) is None:
+            return
+        lang = _lang(interaction)
+        try:
+            job = await self.engine.cancel(_user(interaction), job_id)
+            reply = t(lang, "cancel.done", job=job.id)
+        except UserError as exc:
+            reply = render_error(lang, exc)
+        await self._edit_original(interaction, reply)
+
+    # ---- the engine's side (bot.adapter.Adapter) --------------------------------------------
+
+    async def deliver(self, job: Job, images: Sequence[StoredImage]) -> str:
+        return await self.outbox.deliver(job, images)
+
+    async def status(self, job: Job, update: StatusUpdate) -> None:
+        await self.outbox.status(job, update)
+
+    async def notify(self, target: Target, text: str) -> None:
+        await self.outbox.notify(target, text)
+
+
+def _lang(interaction: Inter) -> str:
+    return pick_lang(interaction.locale.value)
+
+
+def _user(interaction: Inter) -> UserRef:
+    return UserRef("discord", str(interaction.user.id))

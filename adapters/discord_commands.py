@@ -1,0 +1,144 @@
+"""The slash commands: `/imagine` with its options and autocompletes, and the ephemeral ones."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.utils import escape_markdown
+
+from adapters.discord_parts import DrawbridgeClient, Inter, text
+from bot.catalog import ModelSpec
+from bot.commands import parse_job_ref, shorten
+from bot.engine import Engine
+from bot.jobs import Options, UserRef
+from bot.texts import t
+
+if TYPE_CHECKING:
+    from adapters.discord_adapter import DiscordAdapter
+
+MAX_CHOICES = 25  # Discord's cap on choices and autocomplete results
+
+
+def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: DiscordAdapter) -> None:
+    """Register every command on `tree`; handlers are closures over `adapter`."""
+    engine, chat = adapter.engine, adapter.chat
+    ratios: list[str] = []
+    for spec in configured_models(engine):
+        ratios.extend(r for r in spec.aspect_ratios if r not in ratios)
+    ratio_choices = [app_commands.Choice(name=r, value=r) for r in ratios[:MAX_CHOICES]]
+
+    @tree.command(name="imagine", description=text("discord.cmd.imagine"))
+    @app_commands.describe(
+        prompt=text("discord.opt.prompt"),
+        aspect_ratio=text("discord.opt.aspect_ratio"),
+        model=text("discord.opt.model"),
+        count=text("discord.opt.count"),
+        size=text("discord.opt.size"),
+        seed=text("discord.opt.seed"),
+        image=text("discord.opt.image"),
+    )
+    @app_commands.choices(aspect_ratio=ratio_choices)
+    async def imagine(
+        interaction: Inter,
+        prompt: str,
+        aspect_ratio: str | None = None,
+        model: str | None = None,
+        count: app_commands.Range[int, 1, 10] | None = None,
+        size: str | None = None,
+        seed: app_commands.Range[int, 0, 4294967295] | None = None,
+        image: discord.Attachment | None = None,
+    ) -> None:
+        options = Options(aspect_ratio=aspect_ratio, n=count or 1, size=size, seed=seed)
+        await adapter.imagine(interaction, prompt, options, model, image)
+
+    @imagine.autocomplete("model")
+    async def model_choices(interaction: Inter, current: str) -> list[app_commands.Choice[str]]:
+        return models_matching(engine, current)
+
+    @imagine.autocomplete("size")
+    async def size_choices(interaction: Inter, current: str) -> list[app_commands.Choice[str]]:
+        return sizes_matching(engine, interaction.namespace.model, current)
+
+    @tree.command(name="usage", description=text("menu.usage"))
+    async def usage(interaction: Inter) -> None:
+        await adapter.ephemeral(interaction, chat.usage_text)
+
+    @tree.command(name="jobs", description=text("menu.jobs"))
+    async def jobs(interaction: Inter) -> None:
+        async def answer(user: UserRef, lang: str) -> str:
+            return escape_markdown(await chat.jobs_text(user, lang))  # prompts are echoed
+
+        await adapter.ephemeral(interaction, answer)
+
+    @tree.command(name="cancel", description=text("menu.cancel"))
+    @app_commands.describe(job=text("discord.opt.job"))
+    async def cancel(interaction: Inter, job: str | None = None) -> None:
+        async def answer(user: UserRef, lang: str) -> str:
+            done = await engine.cancel(user, parse_job_ref(job or ""))
+            return t(lang, "cancel.done", job=done.id)
+
+        await adapter.ephemeral(interaction, answer)
+
+    @cancel.autocomplete("job")
+    async def job_choices(interaction: Inter, current: str) -> list[app_commands.Choice[str]]:
+        user = UserRef("discord", str(interaction.user.id))
+        return await active_jobs_matching(engine, user, current)
+
+    @tree.command(name="models", description=text("menu.models"))
+    async def models(interaction: Inter) -> None:
+        async def answer(user: UserRef, lang: str) -> str:
+            return chat.models_text(lang)
+
+        await adapter.ephemeral(interaction, answer)
+
+    @tree.command(name="settings", description=text("menu.settings"))
+    async def settings(interaction: Inter) -> None:
+        async def answer(user: UserRef, lang: str) -> str:
+            return t(lang, "settings.summary", model=engine.default_model, lang=lang)
+
+        await adapter.ephemeral(interaction, answer)
+
+
+def configured_models(engine: Engine) -> list[ModelSpec]:
+    """The catalog's models whose provider this bot has a key for."""
+    return [spec for spec in engine.catalog if spec.provider in engine.providers]
+
+
+def models_matching(engine: Engine, current: str) -> list[app_commands.Choice[str]]:
+    needle = current.strip().lower()
+    choices = []
+    for spec in configured_models(engine):
+        if needle and needle not in spec.name.lower():
+            continue
+        label = f"{spec.name} · ${spec.price_for(spec.default_size):.3f}"
+        if spec.description:
+            label += f" · {spec.description}"
+        choices.append(app_commands.Choice(name=label[:100], value=spec.name))
+    return choices[:MAX_CHOICES]
+
+
+def sizes_matching(engine: Engine, model: object, current: str) -> list[app_commands.Choice[str]]:
+    """The sizes of the model chosen so far (the default model's when none is)."""
+    name = model if isinstance(model, str) and model else engine.default_model
+    spec = engine.catalog.get(name)
+    sizes: list[str] = []
+    for s in [spec] if spec is not None else configured_models(engine):
+        sizes.extend(size for size in s.sizes if size not in sizes)
+    needle = current.strip().lower()
+    return [app_commands.Choice(name=s, value=s) for s in sizes if needle in s.lower()][
+        :MAX_CHOICES
+    ]
+
+
+async def active_jobs_matching(
+    engine: Engine, user: UserRef, current: str
+) -> list[app_commands.Choice[str]]:
+    needle = current.strip().lower()
+    choices = []
+    for job in await engine.jobs(user, MAX_CHOICES):
+        if job.status.active and needle in job.id:
+            label = f"{job.id} · {job.status.value} · {shorten(job.prompt, 60)}"
+            choices.append(app_commands.Choice(name=label[:100], value=job.id))
+    return choices

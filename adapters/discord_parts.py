@@ -1,0 +1,257 @@
+"""Discord pieces the adapter is built from: the job's interaction record, persistent buttons,
+command-text localisation, Discord's error codes, and images shrunk to an upload limit."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import discord
+from discord import app_commands
+from PIL import Image
+
+from bot.errors import DeliveryError
+from bot.images import extension_for
+from bot.texts import pick_lang, t
+
+Inter = discord.Interaction[discord.Client]
+
+TOKEN_TTL = 15 * 60.0  # an interaction token answers followups and edits for 15 minutes
+TOKEN_MARGIN = 60.0  # stop trusting it a minute early: an upload can take that long
+DEFAULT_FILE_LIMIT = 10 * 1024 * 1024  # discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
+FILES_PER_MESSAGE = 10
+
+# Discord's JSON error codes the adapter acts on.
+UNKNOWN_WEBHOOK = 10015
+UNKNOWN_INTERACTION = 10062
+ALREADY_ACKNOWLEDGED = 40060
+MISSING_ACCESS = 50001
+MISSING_PERMISSIONS = 50013
+INVALID_WEBHOOK_TOKEN = 50027
+
+
+def token_gone(exc: discord.HTTPException) -> bool:
+    """Discord no longer knows this interaction token (too late, expired, or never acknowledged)."""
+    return exc.code in (UNKNOWN_WEBHOOK, UNKNOWN_INTERACTION, INVALID_WEBHOOK_TOKEN)
+
+
+def not_permitted(exc: discord.HTTPException) -> bool:
+    return exc.code in (MISSING_ACCESS, MISSING_PERMISSIONS) or exc.status == 403
+
+
+@dataclass(frozen=True, slots=True)
+class InteractionMeta:
+    """What a job keeps of the interaction that asked for it, in `Target.meta` (JSON).
+
+    With it a restarted bot can still edit the status message and post the followup while the
+    token lives, and knows when to fall back to a channel post. `token` is None when Discord
+    refused the acknowledgement (10062): then every answer goes to the channel.
+    """
+
+    application_id: str
+    token: str | None
+    created_at: float
+    size_limit: int
+    interaction_id: str = ""
+
+    def dump(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def load(cls, text: str | None) -> InteractionMeta | None:
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            return cls(
+                application_id=str(data["application_id"]),
+                token=data.get("token"),
+                created_at=float(data["created_at"]),
+                size_limit=int(data.get("size_limit") or DEFAULT_FILE_LIMIT),
+                interaction_id=str(data.get("interaction_id", "")),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def token_alive(self, now: float) -> bool:
+        return self.token is not None and now < self.created_at + TOKEN_TTL - TOKEN_MARGIN
+
+
+# ---- buttons ---------------------------------------------------------------------------------
+
+
+class ButtonHandler(Protocol):
+    """What the buttons call; the Discord adapter implements it."""
+
+    async def on_reroll(self, interaction: Inter, job_id: str) -> None: ...
+
+    async def on_cancel(self, interaction: Inter, job_id: str) -> None: ...
+
+
+class DrawbridgeClient(discord.Client):
+    """A `discord.Client` that knows its adapter, so persistent buttons can reach it."""
+
+    def __init__(self, handler: ButtonHandler, **options: Any) -> None:
+        super().__init__(**options)
+        self.handler = handler
+
+
+def _handler(interaction: Inter) -> ButtonHandler:
+    client = interaction.client
+    if not isinstance(client, DrawbridgeClient):
+        raise TypeError("drawbridge buttons need a DrawbridgeClient")
+    return client.handler
+
+
+JOB_ID = r"(?P<job>[a-z0-9]{1,32})"
+
+
+class RerollButton(
+    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
+    template=rf"drawbridge:reroll:{JOB_ID}",
+):
+    """🔄 on a result: the same prompt and options again. Its custom id carries the job id,
+    and the class is registered at start, so it works on messages posted before a restart."""
+
+    def __init__(self, job_id: str, label: str = "🔄 Reroll") -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=label,
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"drawbridge:reroll:{job_id}",
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: Inter, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> RerollButton:
+        return cls(match["job"])
+
+    async def callback(self, interaction: Inter) -> None:
+        await _handler(interaction).on_reroll(interaction, self.job_id)
+
+
+class CancelButton(
+    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
+    template=rf"drawbridge:cancel:{JOB_ID}",
+):
+    """✖ on a status message while the job is queued or running."""
+
+    def __init__(self, job_id: str, label: str = "✖ Cancel") -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=label,
+                style=discord.ButtonStyle.danger,
+                custom_id=f"drawbridge:cancel:{job_id}",
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: Inter, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> CancelButton:
+        return cls(match["job"])
+
+    async def callback(self, interaction: Inter) -> None:
+        await _handler(interaction).on_cancel(interaction, self.job_id)
+
+
+def button_view(kind: str | None, job_id: str, lang: str) -> discord.ui.View | None:
+    """The components for a message: `reroll`, `cancel`, or none."""
+    if kind is None:
+        return None
+    view = discord.ui.View(timeout=None)
+    if kind == "reroll":
+        view.add_item(RerollButton(job_id, t(lang, "button.reroll")))
+    elif kind == "cancel":
+        view.add_item(CancelButton(job_id, t(lang, "button.cancel")))
+    return view
+
+
+# ---- command texts ---------------------------------------------------------------------------
+
+
+def text(key: str) -> app_commands.locale_str:
+    """A command or option description: English on the wire, localised through `TextsTranslator`."""
+    return app_commands.locale_str(t("en", key), key=key)
+
+
+class TextsTranslator(app_commands.Translator):
+    """Gives Discord the Chinese descriptions for zh-CN and zh-TW from `bot.texts`."""
+
+    async def translate(
+        self,
+        string: app_commands.locale_str,
+        locale: discord.Locale,
+        context: app_commands.TranslationContextTypes,
+    ) -> str | None:
+        key = string.extras.get("key")
+        lang = pick_lang(locale.value)
+        if not isinstance(key, str) or lang == "en":
+            return None
+        return t(lang, key)
+
+
+# ---- images ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """One file ready to post, and whether it had to be shrunk to fit."""
+
+    data: bytes
+    filename: str
+    shrunk: bool
+
+    def file(self) -> discord.File:
+        return discord.File(io.BytesIO(self.data), filename=self.filename)
+
+
+def fit(data: bytes, mime: str, limit: int, stem: str) -> Upload:
+    """`data` as it is when it fits `limit`; else re-encoded as JPEG, then scaled down until it fits."""
+    if len(data) <= limit:
+        return Upload(data, stem + extension_for(mime), False)
+    with Image.open(io.BytesIO(data)) as img:
+        frame = img.convert("RGB")
+    size = len(data)
+    for _ in range(12):
+        for quality in (90, 80, 70):
+            buf = io.BytesIO()
+            frame.save(buf, "JPEG", quality=quality, optimize=True)
+            size = buf.tell()
+            if size <= limit:
+                return Upload(buf.getvalue(), stem + ".jpg", True)
+        # Bytes scale roughly with pixel count: aim a little under the limit.
+        factor = max(0.3, min(0.9, (limit / size) ** 0.5 * 0.95))
+        width, height = int(frame.width * factor), int(frame.height * factor)
+        if width < 16 or height < 16:
+            break
+        frame = frame.resize((width, height), Image.Resampling.LANCZOS)
+    raise DeliveryError(f"an image cannot be made smaller than {limit} bytes", permanent=True)
+
+
+def fit_all(images: Sequence[tuple[bytes, str, str]], limit: int) -> list[Upload]:
+    """Every (data, mime, stem) fitted to `limit`; run in a worker thread (Pillow is CPU work)."""
+    return [fit(data, mime, limit, stem) for data, mime, stem in images]
+
+
+def batches(uploads: Sequence[Upload]) -> list[list[Upload]]:
+    """At most ten files a message."""
+    return [
+        list(uploads[i : i + FILES_PER_MESSAGE]) for i in range(0, len(uploads), FILES_PER_MESSAGE)
+    ]
+
+
+def human_bytes(n: int) -> str:
+    """`10 MB`, `7.5 MB`, `20 KB`: an upload limit as people read it."""
+    mb = n / (1024 * 1024)
+    if mb >= 1:
+        return f"{mb:.0f} MB" if mb == int(mb) else f"{mb:.1f} MB"
+    return f"{n / 1024:.0f} KB" if n >= 1024 else f"{n} B"
