@@ -14,6 +14,7 @@ from typing import Protocol
 
 from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
+from bot.operator import Blocklist, Operator
 from bot.providers.base import Provider
 from bot.providers.demo import DemoProvider
 from bot.providers.gemini import GeminiProvider
@@ -150,6 +151,7 @@ async def open_core(settings: Settings, **overrides: object) -> AsyncIterator[Co
             default_model=default_model,
             quotas=quotas,
             router=build_router(settings, catalog, providers),
+            operator=Operator(blocklist=Blocklist.load(settings.blocklist_file)),
         )
         stack.push_async_callback(engine.close)
         yield Core(settings, catalog, store, engine, providers, webhooks)

@@ -21,7 +21,7 @@ from bot.errors import DrawbridgeError, SettingsError, UserError
 from bot.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from bot.app import Core
+    from bot.app import Core, Service
     from bot.http import HttpServer
 
 log = logging.getLogger("drawbridge")
@@ -105,7 +105,7 @@ def _run_command(settings: Settings, console: bool) -> int:
 
 async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
     from adapters.console_adapter import ConsoleAdapter
-    from bot.app import Service, open_core, serve
+    from bot.app import open_core, serve
     from bot.texts import pick_lang
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,8 +120,7 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
                 lang = pick_lang(os.environ.get("LANG", "").split(".")[0].replace("_", "-"))
                 console_adapter = ConsoleAdapter(core.engine, lang=lang)
                 services.append(console_adapter)
-            for name in platforms:
-                log.warning("%s adapter is not available in this build yet", name)
+            services.extend(_platform_adapters(core, settings))
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -139,6 +138,24 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
                 for w in waits:
                     w.cancel()
     return 0
+
+
+def _platform_adapters(core: Core, settings: Settings) -> list[Service]:
+    """Every platform whose token is set; the libraries are imported only when used."""
+    adapters: list[Service] = []
+    if settings.discord_bot_token is not None:
+        from adapters.discord_adapter import DiscordAdapter
+
+        adapters.append(
+            DiscordAdapter(
+                core.engine,
+                settings.discord_bot_token.get_secret_value(),
+                settings.discord_api_url,
+                settings.discord_gateway_url,
+                settings.discord_guild_ids,
+            )
+        )
+    return adapters
 
 
 async def _http_server(core: Core, settings: Settings, *, required: bool) -> _Opened | None:

@@ -100,6 +100,7 @@ class Settings(BaseModel):
 
     default_model: str | None = None
     models_file: Path | None = None
+    blocklist_file: Path | None = None
     concurrency: int = Field(16, ge=1, le=10_000)
     queue_max: int = Field(200, ge=1, le=1_000_000)
     max_pending_per_user: int = Field(3, ge=1, le=100_000)
