@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
 
     usage = sub.add_parser("usage", help="spend and counts per user, model and day")
     usage.add_argument("--json", action="store_true", help="print JSON rows")
+    usage.add_argument("--csv", action="store_true", help="print CSV (what /export sends)")
     usage.add_argument("--days", type=int, default=None, help="only the last N days")
     return p
 
@@ -65,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bot.batch import run_batch
 
             return asyncio.run(run_batch(settings, args))
-        return asyncio.run(_usage(settings, args.json, args.days))
+        return asyncio.run(
+            _usage(settings, "csv" if args.csv else "json" if args.json else "table", args.days)
+        )
     except (DrawbridgeError, OSError) as exc:
         if isinstance(exc, UserError):
             from bot.texts import render_error
@@ -221,7 +224,7 @@ class _exclusive:
             os.close(self._fd)
 
 
-async def _usage(settings: Settings, as_json: bool, days: int | None) -> int:
+async def _usage(settings: Settings, fmt: str, days: int | None) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -232,8 +235,13 @@ async def _usage(settings: Settings, as_json: bool, days: int | None) -> int:
         since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - days * 86400))
     async with await Store.open(settings.data_dir) as store:
         rows = await store.usage(since)
-    if as_json:
+    if fmt == "json":
         print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    if fmt == "csv":
+        from bot.stats import usage_csv
+
+        sys.stdout.write(usage_csv(rows).decode())
         return 0
     table = Table(title="drawbridge usage")
     for col in ("day", "user", "model", "jobs", "succeeded", "images", "cost"):

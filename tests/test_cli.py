@@ -69,6 +69,10 @@ def test_generate_file_writes_images_rows_and_usage(tmp_path: Path) -> None:
     out = run(tmp_path, "usage", "--json")
     (row,) = json.loads(out.stdout)
     assert (row["jobs"], row["succeeded"], row["images"]) == (20, 20, 20)
+    out = run(tmp_path, "usage", "--csv")
+    header, line = out.stdout.splitlines()
+    assert header == "day,platform,user_id,model,jobs,succeeded,images,cost_usd"
+    assert line.split(",")[3:7] == ["demo", "20", "20", "20"]
 
 
 def test_generate_reports_bad_lines_and_keeps_going(tmp_path: Path) -> None:

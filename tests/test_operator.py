@@ -1,0 +1,124 @@
+"""The operator's controls through the chat syntax: admins, bans, grants, policy, links, blocklist."""
+
+from __future__ import annotations
+
+import aiosqlite
+
+from bot.chat import Chat
+from bot.jobs import Target, UserRef
+from bot.operator import Blocklist, Operator
+from bot.quota import Limits
+from tests.conftest import Harness
+
+ADMIN = UserRef("test", "boss")
+ALICE = UserRef("test", "alice")
+GROUP = Target("test", chat_id="group-1")
+
+
+async def say(chat: Chat, user: UserRef, text: str, target: Target = GROUP) -> str:
+    reply = await chat.handle(user, target, text, private=False)
+    assert reply is not None
+    return reply.text
+
+
+async def test_admin_commands_are_refused_to_others(harness: Harness) -> None:
+    engine = await harness.engine(admin_ids=frozenset({"test:boss"}))
+    chat = Chat(engine)
+    for command in (
+        "/stats",
+        "/grant test:alice 5",
+        "/ban test:bob",
+        "/unban test:bob",
+        "/policy",
+        "/export",
+    ):
+        assert "Only the bot's admins" in await say(chat, ALICE, command)
+    assert engine.operator.bans == set() and engine.operator.grants == {}
+    assert "Today" in await say(chat, ADMIN, "/stats")
+    reply = await chat.handle(ADMIN, GROUP, "/export", private=False)
+    assert reply is not None and reply.document is not None
+    assert reply.document[1].startswith(b"day,platform,user_id")
+
+
+async def test_ban_grant_and_policy_hold_and_survive_a_restart(harness: Harness) -> None:
+    engine = await harness.engine(
+        admin_ids=frozenset({"test:boss"}), limits=Limits(user_images=1), max_pending_per_user=9
+    )
+    chat = Chat(engine)
+    assert "Queued" in await say(chat, ALICE, "/imagine a fox")
+    assert "used 1 of your 1 images" in await say(chat, ALICE, "/imagine a fox")
+    assert "2 extra image" in await say(chat, ADMIN, "/grant alice 2")
+    assert "Queued" in await say(chat, ALICE, "/imagine a fox")
+    assert "max_images=1" in await say(chat, ADMIN, "/policy max_images=1 models=demo,paid")
+    assert "at most 1 images" in await say(chat, ALICE, "/imagine a fox --n 2")
+    assert "is banned" in await say(chat, ADMIN, "/ban test:alice")
+    assert "not open to you" in await say(chat, ALICE, "/imagine a fox")
+    await engine.run_until_idle()
+
+    engine2 = await harness.engine(admin_ids=frozenset({"test:boss"}), limits=Limits(user_images=1))
+    chat2 = Chat(engine2)
+    assert engine2.operator.banned("test:alice")
+    assert "max_images=1" in await say(chat2, ADMIN, "/policy")
+    assert "unban" not in await say(chat2, ADMIN, "/unban test:alice")
+    assert "Queued" in await say(chat2, ALICE, "/imagine a fox")  # the grant's last image
+    assert "used 3 of your 3 images" in await say(chat2, ALICE, "/imagine a fox")
+    async with aiosqlite.connect(harness.data_dir / "drawbridge.db") as db:
+        actions = [r[0] for r in await db.execute_fetchall("SELECT action FROM audit ORDER BY at")]
+    assert actions == ["grant", "policy", "ban", "unban"]
+
+
+async def test_linked_identities_share_one_daily_limit(harness: Harness) -> None:
+    engine = await harness.engine(limits=Limits(user_images=2), max_pending_per_user=9)
+    chat = Chat(engine)
+    tg, dc = UserRef("telegram", "1"), UserRef("discord", "2")
+    tg_chat, dc_chat = Target("telegram", chat_id="1"), Target("discord", chat_id="9")
+    assert "Queued" in await say(chat, tg, "/imagine a fox", tg_chat)
+    code_text = await say(chat, tg, "/link", tg_chat)
+    code = next(w for w in code_text.split() if w.rstrip(".").isdigit() and len(w.rstrip(".")) == 6)
+    assert "Linked" in await say(chat, dc, f"/link {code.rstrip('.')}", dc_chat)
+    assert "wrong or has expired" in await say(chat, dc, f"/link {code.rstrip('.')}", dc_chat)
+    assert "Queued" in await say(chat, dc, "/imagine a fox", dc_chat)
+    assert "used 2 of your 2 images" in await say(chat, tg, "/imagine a fox", tg_chat)
+    assert "used 2 of your 2 images" in await say(chat, dc, "/imagine a fox", dc_chat)
+    await engine.run_until_idle()
+    engine2 = await harness.engine(limits=Limits(user_images=2))
+    assert "used 2 of your 2 images" in await say(Chat(engine2), dc, "/imagine a fox", dc_chat)
+
+
+async def test_the_blocklist_refuses_at_once_for_free_in_any_language(harness: Harness) -> None:
+    engine = await harness.engine(start=False)
+    engine.operator = Operator(
+        blocklist=Blocklist(["gore", "血腥", "re:\\bnsfw\\b", "# a comment"])
+    )
+    await engine.start()
+    chat = Chat(engine)
+    for prompt in ("GORE in the snow", "一个血腥的场景", "a nsfw fox"):
+        assert "not allowed here" in await say(chat, ALICE, f"/imagine {prompt}")
+    assert "Queued" in await say(
+        chat, ALICE, "/imagine a gorilla? no: a fox"
+    )  # "gore" is not in it
+    await engine.run_until_idle()
+    assert harness.provider.submits() == 1
+    async with aiosqlite.connect(harness.data_dir / "drawbridge.db") as db:
+        refused = list(
+            await db.execute_fetchall("SELECT cost_usd, error FROM jobs WHERE status = 'refused'")
+        )
+    assert len(refused) == 3 and all(r[0] == 0 and r[1].startswith("blocklist") for r in refused)
+    usage = await engine.usage(ALICE)
+    assert usage.images == 1
+    # an admin can switch the blocklist off for one chat
+    engine.config = engine.config.__class__(admin_ids=frozenset({"test:boss"}))
+    await say(chat, ADMIN, "/policy blocklist=off")
+    assert "Queued" in await say(chat, ALICE, "/imagine gore")
+
+
+async def test_history_and_show(harness: Harness) -> None:
+    engine = await harness.engine()
+    chat = Chat(engine)
+    reply = await chat.handle(ALICE, GROUP, "/imagine a fox", private=False)
+    assert reply is not None and reply.ticket is not None
+    await engine.run_until_idle()
+    assert reply.ticket.job_id in await say(chat, ALICE, "/history")
+    assert "1 image(s)" in await say(chat, ALICE, f"/show {reply.ticket.job_id}")
+    assert harness.adapter.delivered(reply.ticket.job_id) == 2
+    assert "No job" in await say(chat, UserRef("test", "mallory"), f"/show {reply.ticket.job_id}")
