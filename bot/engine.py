@@ -20,6 +20,7 @@ from bot.dbwriter import Op
 from bot.errors import (
     BadRequest,
     Blocked,
+    BudgetExceeded,
     DeliveryError,
     ErrorKind,
     InvalidRequest,
@@ -43,11 +44,12 @@ from bot.jobs import (
     Ticket,
     UserRef,
 )
+from bot.metrics import Metrics
 from bot.operator import Operator, scope_of
 from bot.providers.base import GenerationRequest, Provider
 from bot.providers.retry import hinted_wait, provider_retrying
 from bot.quota import Limits, Quotas
-from bot.routing import FAILOVER_KINDS, Route, Router
+from bot.routing import FAILOVER_KINDS, BreakerState, Route, Router
 from bot.stats import usage_csv
 from bot.store import Store
 from bot.texts import t
@@ -127,6 +129,13 @@ class Engine:
         self.providers = dict(providers)
         self.router = router or Router(catalog, self.providers)
         self.operator = operator or Operator()
+        self.metrics = Metrics()
+        self.metrics.queue_depth.set_function(lambda: len(self._queue))
+        self.metrics.in_flight.set_function(lambda: len(self._running))
+        self.router.on_error = self._provider_error
+        for breaker in self.router.breakers.values():
+            breaker.on_change = self.breaker_changed
+        self._alerted: set[tuple[str, str]] = set()
         self.config = config
         self.default_model = default_model
         self.clock = clock
@@ -153,6 +162,17 @@ class Engine:
 
     async def submit(self, request: Request, *, parent_id: str | None = None) -> Ticket:
         """Validate, reserve quota, persist, enqueue: fast, no provider I/O; raises `UserError`."""
+        try:
+            ticket = await self._submit(request, parent_id)
+        except UserError as exc:
+            self.metrics.rejected.labels(exc.key).inc()
+            if isinstance(exc, BudgetExceeded):
+                self._check_budget(self.quotas.today())
+            raise
+        self.metrics.submitted.labels(request.target.platform, ticket.model).inc()
+        return ticket
+
+    async def _submit(self, request: Request, parent_id: str | None) -> Ticket:
         if self._closing:
             raise ShuttingDown()
         cfg = self.config
@@ -279,6 +299,59 @@ class Engine:
             active_jobs=sum(self._active_by_user.get(m, 0) for m in self.operator.members(account)),
             exempt=key in self.config.admin_ids or account in self.config.admin_ids,
         )
+
+    def _provider_error(self, provider: str, exc: BaseException) -> None:
+        kind = exc.kind.value if isinstance(exc, ProviderError) else "timeout"
+        self.metrics.provider_errors.labels(provider, kind).inc()
+        if kind == ErrorKind.AUTH.value:
+            log.error("provider %s rejected its API key: check the key and the account", provider)
+            self.alert(f"auth:{provider}", "alert.auth", provider=provider)
+
+    def breaker_changed(self, provider: str, state: BreakerState) -> None:
+        if state is BreakerState.OPEN:
+            self.alert(f"breaker:{provider}:{self.clock():.0f}", "alert.breaker", provider=provider)
+
+    def alert(self, key: str, text_key: str, **params: object) -> None:
+        """Tell every admin once per `key` (and day): budget marks, rejected keys, open breakers.
+
+        Sent in the background as a direct message (`Target.meta == "dm"`: `chat_id` is the
+        admin's user id), so an alert never holds up the job that raised it.
+        """
+        day = self.quotas.today()
+        if (key, day) in self._alerted:
+            return
+        self._alerted.add((key, day))
+        for admin in sorted(self.config.admin_ids):
+            platform, _, user_id = admin.partition(":")
+            adapter = self.adapters.get(platform)
+            if adapter is None or not user_id:
+                continue
+            text = t("en", text_key, **params)
+            self._spawn(
+                self._send_alert(adapter, Target(platform, chat_id=user_id, meta="dm"), text)
+            )
+
+    async def _send_alert(self, adapter: Adapter, target: Target, text: str) -> None:
+        try:
+            async with asyncio.timeout(self.config.deliver_timeout):
+                await adapter.notify(target, text)
+        except Exception:
+            log.warning(
+                "admin alert to %s:%s not sent", target.platform, target.chat_id, exc_info=True
+            )
+
+    def _check_budget(self, day: str) -> None:
+        budget = self.quotas.limits.budget_usd
+        if not budget:
+            return
+        spent = self.quotas.spent_total(day)
+        for mark in (100, 80):
+            if spent >= budget * mark / 100 - 1e-9:
+                self.alert(
+                    f"budget:{mark}", "alert.budget", percent=mark, spent=f"${spent:.2f}",
+                    budget=f"${budget:.2f}",
+                )  # fmt: skip
+                return
 
     # ---- the operator's controls ----------------------------------------------------------
 
@@ -512,6 +585,7 @@ class Engine:
         # The live copy: it may carry what adapters attached since it was queued.
         job = replace(self._jobs.get(job.id, job), status=JobStatus.RUNNING, started_at=began)
         self._jobs[job.id] = job
+        self.metrics.queue_seconds.observe(max(0.0, began - job.created_at))
         self._generating.add(job.id)
         try:
             await self.store.write(
@@ -649,6 +723,13 @@ class Engine:
             job.quota_key, job.day, (job.options.n, job.reserved_usd), (len(stored), cost)
         )
         self.quotas.release_scope(scope_of(job.target), job.day, job.options.n - len(stored))
+        self._check_budget(job.day)
+        m = self.metrics
+        m.jobs.labels("succeeded", job.provider, job.model).inc()
+        m.images.labels(job.provider, job.model).inc(len(stored))
+        m.spend.labels(job.provider, job.model).inc(cost)
+        if job.started_at is not None:
+            m.generate_seconds.labels(job.provider).observe(max(0.0, now - job.started_at))
         self._unhold(job)
         job = replace(
             job,
@@ -685,16 +766,20 @@ class Engine:
                 )
                 log.warning("job=%s delivery attempt %d failed: %s", job.id, attempt, exc)
                 if permanent or attempt == self.config.deliver_attempts:
+                    self.metrics.deliveries.labels(job.target.platform, "failed").inc()
                     return
                 await asyncio.sleep(delay)
                 delay *= 2
             else:
+                now = self.clock()
                 await self.store.write(
                     (
                         "UPDATE jobs SET delivered_at = ?, delivery_ref = ? WHERE id = ?",
-                        (self.clock(), ref, job.id),
+                        (now, ref, job.id),
                     )
                 )
+                self.metrics.deliveries.labels(job.target.platform, "ok").inc()
+                self.metrics.total_seconds.observe(max(0.0, now - job.created_at))
                 return
 
     async def _finish(self, job: Job, status: JobStatus, kind: ErrorKind, error: str) -> Job:
@@ -709,6 +794,7 @@ class Engine:
         )
         self.quotas.release(job.quota_key, job.day, job.options.n, job.reserved_usd)
         self.quotas.release_scope(scope_of(job.target), job.day, job.options.n)
+        self.metrics.jobs.labels(status.value, job.provider, job.model).inc()
         self._unhold(job)
         job = replace(job, status=status, error=error, error_kind=kind.value, finished_at=now)
         mark = {JobStatus.REFUSED: "refused", JobStatus.CANCELLED: "cancelled"}.get(

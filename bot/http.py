@@ -26,19 +26,13 @@ MAX_WEBHOOK_BYTES = 1_000_000
 
 
 class EngineCollector(Collector):
-    """Gauges read from the live engine at scrape time."""
+    """Gauges read from the live engine at scrape time (the rest is in `engine.metrics`)."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
 
     def collect(self) -> Any:
         engine = self.core.engine
-        yield GaugeMetricFamily(
-            "drawbridge_queue_depth", "Jobs waiting to start.", value=engine.queue_depth
-        )
-        yield GaugeMetricFamily(
-            "drawbridge_in_flight", "Jobs generating or delivering now.", value=engine.in_flight
-        )
         breakers = GaugeMetricFamily(
             "drawbridge_breaker_open",
             "1 while a provider's circuit breaker is open.",
@@ -121,7 +115,7 @@ class HttpServer:
         return web.json_response(body, status=200 if body["ok"] else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
+        body = generate_latest(self.core.engine.metrics.registry) + generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _grsai_hook(self, request: web.Request) -> web.Response:

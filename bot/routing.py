@@ -140,6 +140,7 @@ class Router:
         self.catalog = catalog
         self.providers = dict(providers)
         self.fallbacks = {k.lower(): tuple(v) for k, v in (fallbacks or {}).items()}
+        self.on_error: Callable[[str, BaseException], None] | None = None
         self.breakers = {
             name: Breaker(name, breaker_threshold, breaker_cooldown, clock, on_breaker)
             for name in self.providers
@@ -208,6 +209,8 @@ class Router:
                 raise
             except (ProviderError, TimeoutError) as exc:
                 breaker.failure(exc)
+                if self.on_error is not None:
+                    self.on_error(name, exc)
                 raise
             breaker.success()
             return images

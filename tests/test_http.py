@@ -62,3 +62,42 @@ async def test_grsai_webhook_needs_the_jobs_secret(server: tuple[Core, HttpServe
             assert resp.status == 404
         async with session.post(f"{base}{path}", data=b"not json") as resp:
             assert resp.status == 400
+
+
+async def test_metrics_counters_move_with_the_jobs(server: tuple[Core, HttpServer]) -> None:
+    from bot.jobs import Options, Request, Target, UserRef
+    from tests.fakes import RecordingAdapter
+
+    core, http = server
+    core.engine.register(RecordingAdapter())
+
+    def request(prompt: str) -> Request:
+        return Request(
+            UserRef("test", "a"), Target("test", chat_id="c"), prompt, Options(n=2), model="demo"
+        )
+
+    for prompt in ("a fox", "a cat", "a cat [demo:refuse]"):
+        await core.engine.submit(request(prompt))
+    await core.engine.run_until_idle()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{http.bound_port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    ok = (("model", "demo"), ("provider", "demo"), ("status", "succeeded"))
+    refused = (("model", "demo"), ("provider", "demo"), ("status", "refused"))
+    assert samples[("drawbridge_jobs_total", ok)] == 2
+    assert samples[("drawbridge_jobs_total", refused)] == 1
+    assert samples[("drawbridge_images_total", (("model", "demo"), ("provider", "demo")))] == 4
+    assert (
+        samples[("drawbridge_provider_errors_total", (("kind", "refused"), ("provider", "demo")))]
+        == 1
+    )
+    assert samples[("drawbridge_deliveries_total", (("outcome", "ok"), ("platform", "test")))] == 2
+    assert samples[("drawbridge_job_seconds_count", ())] == 2
+    assert samples[("drawbridge_queue_depth", ())] == 0

@@ -8,6 +8,7 @@ from bot.chat import Chat
 from bot.jobs import Target, UserRef
 from bot.operator import Blocklist, Operator
 from bot.quota import Limits
+from bot.routing import BreakerState
 from tests.conftest import Harness
 
 ADMIN = UserRef("test", "boss")
@@ -122,3 +123,28 @@ async def test_history_and_show(harness: Harness) -> None:
     assert "1 image(s)" in await say(chat, ALICE, f"/show {reply.ticket.job_id}")
     assert harness.adapter.delivered(reply.ticket.job_id) == 2
     assert "No job" in await say(chat, UserRef("test", "mallory"), f"/show {reply.ticket.job_id}")
+
+
+async def test_admins_hear_about_the_budget_a_rejected_key_and_an_open_breaker(
+    harness: Harness,
+) -> None:
+    from bot.errors import AuthFailed
+
+    engine = await harness.engine(
+        admin_ids=frozenset({"test:boss"}), limits=Limits(budget_usd=1.2), max_pending_per_user=9
+    )
+    chat = Chat(engine)
+    for _ in range(2):
+        await say(chat, ALICE, "/imagine a fox --model paid")  # $0.50 each
+        await engine.run_until_idle()
+    assert "spending limit" in await say(chat, ALICE, "/imagine a fox --model paid")
+    harness.provider.errors["a fox with a bad key"] = [AuthFailed("bad key")]
+    await say(chat, ALICE, "/imagine a fox with a bad key")
+    await engine.run_until_idle()
+    texts = [(target.chat_id, target.meta, text) for target, text in harness.adapter.notices]
+    assert [t[:2] for t in texts] == [("boss", "dm"), ("boss", "dm")]
+    assert "$1.00 of today's $1.20 budget (80 %)" in texts[0][2]
+    assert "rejected drawbridge's key" in texts[1][2]
+    engine.breaker_changed("demo", BreakerState.OPEN)
+    await engine.run_until_idle()
+    assert "keeps failing" in harness.adapter.notices[-1][1]
