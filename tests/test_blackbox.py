@@ -14,18 +14,38 @@ from pathlib import Path
 from tests.fake_discord import GUILD_ID, FakeDiscord
 
 
+class Process:
+    """The running program; its stderr is drained as it comes, so a chatty log never blocks it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.stderr = bytearray()
+        assert proc.stderr is not None
+        self._reader = asyncio.create_task(self._drain(proc.stderr))
+
+    async def _drain(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65536):
+            self.stderr += chunk
+
+    async def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), 20)
+        await self._reader
+        return code
+
+
 @asynccontextmanager
-async def drawbridge(tmp_path: Path, **env: str) -> AsyncIterator[asyncio.subprocess.Process]:
+async def drawbridge(tmp_path: Path, **env: str) -> AsyncIterator[Process]:
     environ = {k: v for k, v in os.environ.items() if not k.endswith(("_TOKEN", "_API_KEY"))}
     environ.update(DRAWBRIDGE_DATA_DIR=str(tmp_path / "data"), HTTP_PORT="0", SHUTDOWN_GRACE="1")
     environ.update(env)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", "run",
         cwd=tmp_path, env=environ, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        yield proc
+        yield Process(proc)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -42,7 +62,8 @@ def rows(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 async def test_discord_imagine_end_to_end(tmp_path: Path) -> None:
-    fake = FakeDiscord()
+    token = "MTIzNDU2Nzg5.Gh7x_Q.secret-discord-token-value"
+    fake = FakeDiscord(token=token)
     await fake.start()
     try:
         async with drawbridge(
@@ -51,15 +72,21 @@ async def test_discord_imagine_end_to_end(tmp_path: Path) -> None:
             DISCORD_API_URL=fake.api_url,
             DISCORD_GATEWAY_URL=fake.gateway_url,
             DISCORD_GUILD_IDS=GUILD_ID,
+            GEMINI_API_KEY="AIza-secret-gemini-key-0000",
+            LOG_LEVEL="DEBUG",
         ) as proc:
             await fake.wait_identified(within=20)
             await fake.wait_for(lambda: GUILD_ID in fake.commands, within=10)
-            inter = await fake.slash("imagine", {"prompt": "a lighthouse, black box"})
+            inter = await fake.slash(
+                "imagine", {"prompt": "a lighthouse, black box", "model": "demo"}
+            )
             (followup,) = await fake.wait_for(lambda: fake.followups(inter.token), within=20)
             assert inter.ack_delay is not None and inter.ack_delay < 3
             assert followup.files[0].data.startswith(b"\x89PNG")
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), 20) == 0
+            assert await proc.stop() == 0
+            logs = proc.stderr.decode()
+        assert "job=" in logs  # the job's transitions are logged…
+        assert token not in logs and "AIza-secret" not in logs  # …and no secret ever is
         assert rows(tmp_path, "SELECT platform, status, cost_usd FROM jobs") == [
             ("discord", "succeeded", 0.0)
         ]
