@@ -90,6 +90,9 @@ def engine_config(settings: Settings, **overrides: object) -> EngineConfig:
         deliver_timeout=settings.deliver_timeout,
         queue_timeout=settings.queue_timeout,
         shutdown_grace=settings.shutdown_grace,
+        image_retention_days=settings.image_retention_days,
+        result_cache_ttl=settings.result_cache_ttl,
+        provider_concurrency=settings.concurrency_by_provider,
     )
     return replace(config, **overrides) if overrides else config  # type: ignore[arg-type]
 

@@ -106,6 +106,8 @@ class Chat:
             )
         except UserError as exc:
             return Reply(render_error(lang, exc), error=True)
+        if ticket.cached_from is not None:
+            return Reply(t(lang, "status.cached", job=ticket.job_id), ticket=ticket)
         text = t(
             lang,
             "status.queued",

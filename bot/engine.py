@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import hashlib
 import logging
 import random
 import secrets
@@ -51,7 +52,7 @@ from bot.providers.retry import hinted_wait, provider_retrying
 from bot.quota import Limits, Quotas
 from bot.routing import FAILOVER_KINDS, BreakerState, Route, Router
 from bot.stats import usage_csv
-from bot.store import Store
+from bot.store import Store, insert_job_op
 from bot.texts import t
 from bot.validate import validate_request
 
@@ -81,6 +82,8 @@ class EngineConfig:
     deliver_backoff: float = 1.0
     provider_concurrency: Mapping[str, int] = field(default_factory=dict)
     sweep_interval: float = 30.0
+    result_cache_ttl: float = 0.0  # seconds; 0 = off
+    image_retention_days: float = 30.0  # 0 = keep forever
 
     def allowed(self, user: str, target: Target) -> bool:
         if not self.allowed_ids or user in self.allowed_ids or user in self.admin_ids:
@@ -101,6 +104,16 @@ class Usage:
     usd_limit: float
     active_jobs: int
     exempt: bool
+
+
+def result_cache_key(model: str, prompt: str, options: Options, references: Sequence[bytes]) -> str:
+    """Identical requests (model, prompt, options, seed, reference images) share this key."""
+    digest = hashlib.sha256()
+    for part in (model, prompt, options.aspect_ratio, options.n, options.size, options.seed):
+        digest.update(repr(part).encode() + b"\x00")
+    for ref in references:
+        digest.update(hashlib.sha256(ref).digest())
+    return digest.hexdigest()
 
 
 def new_job_id() -> str:
@@ -194,6 +207,12 @@ class Engine:
         if policy.blocklist and (term := self.operator.blocklist.match(prompt)) is not None:
             await self._record_blocked(request, spec, prompt, options, account, term)
             raise Blocked()
+        cache_key = None
+        if cfg.result_cache_ttl > 0 and parent_id is None:  # a reroll asks for new images
+            cache_key = result_cache_key(spec.name, prompt, options, request.reference_images)
+            hit = await self.store.cached_result(cache_key, self.clock() - cfg.result_cache_ttl)
+            if hit is not None:
+                return await self._serve_cached(request, account, hit[0], hit[1])
         now = self.clock()
         day = self.quotas.day_of(now)
         cost = spec.cost(options.n, options.size)
@@ -229,6 +248,7 @@ class Engine:
             admin=admin,
             parent_id=parent_id,
             account=account if account != user else "",
+            cache_key=cache_key,
         )
         self._hold(job)
         try:
@@ -407,6 +427,37 @@ class Engine:
         log.info("linked %s into account %s", joiner, account)
         return account
 
+    async def _serve_cached(
+        self, request: Request, account: str, source: Job, images: list[StoredImage]
+    ) -> Ticket:
+        """An identical recent request: a new row pointing at the same files, free, delivered."""
+        now = self.clock()
+        job = replace(
+            source,
+            id=new_job_id(),
+            user=request.user,
+            target=request.target,
+            status=JobStatus.SUCCEEDED,
+            lang=request.lang,
+            day=self.quotas.day_of(now),
+            created_at=now,
+            started_at=now,
+            finished_at=now,
+            delivered_at=None,
+            reserved_usd=0.0,
+            cost_usd=0.0,
+            task_id=None,
+            status_message_id=None,
+            parent_id=None,
+            account=account if account != str(request.user) else "",
+            cached_from=source.id,
+        )
+        copies = [replace(img, job_id=job.id) for img in images]
+        await self.store.write(insert_job_op(job), *self.store.image_ops(copies))
+        log.info("→ job=%s served from the cache of job=%s", job.id, source.id)
+        self._spawn(self._deliver(job, copies))
+        return Ticket(job.id, 0, job.model, len(copies), 0.0, cached_from=source.id)
+
     async def _record_blocked(
         self,
         request: Request,
@@ -568,9 +619,23 @@ class Engine:
             self._idle.set()
 
     async def _sweep(self) -> None:
-        """Fail jobs that waited in the queue past QUEUE_TIMEOUT: every job ends."""
+        """Fail jobs that waited in the queue past QUEUE_TIMEOUT: every job ends.
+
+        Once an hour it also deletes image files older than IMAGE_RETENTION_DAYS.
+        """
+        last_cleanup = 0.0
         while True:
             await asyncio.sleep(self.config.sweep_interval)
+            days = self.config.image_retention_days
+            if days > 0 and self.clock() - last_cleanup >= 3600:
+                last_cleanup = self.clock()
+                try:
+                    removed = await self.store.expire_images(self.clock() - days * 86400)
+                except Exception:
+                    log.warning("image cleanup failed", exc_info=True)
+                else:
+                    if removed:
+                        log.info("deleted %d images older than %g days", removed, days)
             cutoff = self.clock() - self.config.queue_timeout
             for job in [j for j in self._queue if j.created_at < cutoff and j.task_id is None]:
                 self._queue.remove(job.id)

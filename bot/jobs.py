@@ -88,6 +88,7 @@ class Ticket:
     model: str
     n_images: int
     reserved_usd: float
+    cached_from: str | None = None  # served from this earlier job's images, free
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,8 @@ class Job:
     status_message_id: str | None = None
     parent_id: str | None = None
     account: str = ""  # the quota account (a linked identity's), "" = the user itself
+    cache_key: str | None = None  # identical requests share it (the result cache)
+    cached_from: str | None = None  # served, free, from this earlier job's images
 
     @property
     def n_images(self) -> int:

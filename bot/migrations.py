@@ -119,6 +119,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # v3: the result cache finds an identical earlier request by this key.
+        "ALTER TABLE jobs ADD COLUMN cache_key TEXT",
+        "ALTER TABLE jobs ADD COLUMN cached_from TEXT",
+        "CREATE INDEX jobs_cache ON jobs(cache_key, finished_at) WHERE cache_key IS NOT NULL",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -115,6 +115,8 @@ class Settings(BaseModel):
     http_port: int = Field(8080, ge=0, le=65535)
     public_url: str | None = None
 
+    image_retention_days: float = Field(30.0, ge=0)
+    result_cache_ttl: float = Field(0.0, ge=0)
     max_prompt_chars: int = Field(2000, ge=1, le=100_000)
     generate_timeout: float = Field(600.0, gt=0)
     deliver_timeout: float = Field(120.0, gt=0)

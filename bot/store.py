@@ -27,7 +27,7 @@ _JOB_COLUMNS = (
     "id, platform, user_id, chat_id, thread_id, reply_to, guild_id, target_meta, status_message_id, "
     "lang, prompt, model, provider, n_images, aspect_ratio, size, seed, refs, status, day, admin, "
     "reserved_usd, cost_usd, error, error_kind, task_id, created_at, started_at, finished_at, "
-    "delivered_at, parent_id, account"
+    "delivered_at, parent_id, account, cache_key, cached_from"
 )
 
 
@@ -219,6 +219,7 @@ class Store:
             "SUM(CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE j.reserved_usd END) "
             "FROM jobs j LEFT JOIN accounts a ON a.member = j.platform || ':' || j.user_id "
             "WHERE j.day = ? AND j.status IN ('queued','running','succeeded') "
+            "AND j.cached_from IS NULL "
             "GROUP BY k",
             (day,),
         )
@@ -258,6 +259,46 @@ class Store:
         )
         return str(rows[0][0]) if rows else None
 
+    async def cached_result(self, key: str, since: float) -> tuple[Job, list[StoredImage]] | None:
+        """The latest succeeded job with this cache key since `since`, if its files still exist."""
+        jobs = await self._select_jobs(
+            "WHERE cache_key = ? AND status = 'succeeded' AND finished_at >= ? "
+            "ORDER BY finished_at DESC LIMIT 1",
+            (key, since),
+        )
+        if not jobs:
+            return None
+        images = await self.images_for(jobs[0].id)
+        exists = await asyncio.to_thread(lambda: all(i.path.exists() for i in images))
+        return (jobs[0], images) if images and exists else None
+
+    async def expire_images(self, before: float) -> int:
+        """Delete the image files (and rows) of jobs finished before `before`; rows stay."""
+        rows = await self.fetch(
+            "SELECT i.job_id, i.idx, i.path FROM images i JOIN jobs j ON j.id = i.job_id "
+            "WHERE j.finished_at < ? LIMIT 5000",
+            (before,),
+        )
+        if not rows:
+            return 0
+        # A cached copy points at the same file: keep files another, newer row still uses.
+        paths = {str(r[2]) for r in rows}
+        placeholders = ",".join("?" * len(paths))
+        kept = {
+            str(r[0])
+            for r in await self.fetch(
+                f"SELECT i.path FROM images i JOIN jobs j ON j.id = i.job_id "
+                f"WHERE i.path IN ({placeholders}) AND j.finished_at >= ?",
+                (*paths, before),
+            )
+        }
+        doomed = [self.data_dir / p for p in paths - kept]
+        await asyncio.to_thread(_unlink_all, doomed)
+        await self.write(
+            *[("DELETE FROM images WHERE job_id = ? AND idx = ?", (r[0], r[1])) for r in rows]
+        )
+        return len(rows)
+
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """A read query on the reader connection (rows support index and name access)."""
         return list(await self._rdb.execute_fetchall(sql, params))
@@ -280,7 +321,7 @@ class Store:
 def insert_job_op(job: Job) -> Op:
     t, o = job.target, job.options
     return (
-        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 32)})",
+        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 34)})",
         (
             job.id,
             job.user.platform,
@@ -314,6 +355,8 @@ def insert_job_op(job: Job) -> Op:
             job.delivered_at,
             job.parent_id,
             job.account or None,
+            job.cache_key,
+            job.cached_from,
         ),
     )
 
@@ -353,7 +396,14 @@ def _row_to_job(r: Any) -> Job:
         status_message_id=r["status_message_id"],
         parent_id=r["parent_id"],
         account=r["account"] or "",
+        cache_key=r["cache_key"],
+        cached_from=r["cached_from"],
     )
+
+
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 _made_dirs: set[Path] = set()

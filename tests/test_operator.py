@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiosqlite
 
 from bot.chat import Chat
@@ -148,3 +150,45 @@ async def test_admins_hear_about_the_budget_a_rejected_key_and_an_open_breaker(
     engine.breaker_changed("demo", BreakerState.OPEN)
     await engine.run_until_idle()
     assert "keeps failing" in harness.adapter.notices[-1][1]
+
+
+async def test_result_cache_serves_an_identical_request_free_but_never_a_reroll(
+    harness: Harness,
+) -> None:
+    engine = await harness.engine(result_cache_ttl=3600, max_pending_per_user=9)
+    chat = Chat(engine)
+    first = await chat.handle(ALICE, GROUP, "/imagine a fox --model paid --seed 7", private=False)
+    assert first is not None and first.ticket is not None
+    await engine.run_until_idle()
+    again = await chat.handle(ALICE, GROUP, "/imagine a fox --model paid --seed 7", private=False)
+    assert again is not None and again.ticket is not None and "free" in again.text
+    assert again.ticket.cached_from == first.ticket.job_id
+    await engine.run_until_idle()
+    assert harness.provider.submits() == 1
+    (_, first_images), (_, cached_images) = harness.adapter.deliveries
+    assert [i.path for i in first_images] == [i.path for i in cached_images]
+    usage = await engine.usage(ALICE)
+    assert (usage.images, usage.usd) == (1, 0.5)  # the copy cost nothing
+    other = await chat.handle(ALICE, GROUP, "/imagine a fox --model paid --seed 8", private=False)
+    assert other is not None and other.ticket is not None and other.ticket.cached_from is None
+    reroll = await engine.reroll(ALICE, first.ticket.job_id)
+    assert reroll.cached_from is None
+    await engine.run_until_idle()
+    assert harness.provider.submits() == 3
+
+
+async def test_old_images_are_deleted_and_show_says_so(harness: Harness) -> None:
+    engine = await harness.engine(image_retention_days=1, sweep_interval=0.01)
+    chat = Chat(engine)
+    reply = await chat.handle(ALICE, GROUP, "/imagine a fox", private=False)
+    assert reply is not None and reply.ticket is not None
+    await engine.run_until_idle()
+    ((_, images),) = harness.adapter.deliveries
+    assert images[0].path.exists()
+    harness.clock.now += 2 * 86400
+    for _ in range(200):
+        if not images[0].path.exists():
+            break
+        await asyncio.sleep(0.01)
+    assert not images[0].path.exists()
+    assert "no stored images" in await say(chat, ALICE, f"/show {reply.ticket.job_id}")
