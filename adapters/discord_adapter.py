@@ -11,6 +11,8 @@ Discord refused (10062) is answered in the channel instead, mentioning its user 
 from __future__ import annotations
 
 import asyncio
+import gzip
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
@@ -19,6 +21,7 @@ from typing import Any
 import discord
 import yarl
 from discord import app_commands
+from discord.utils import escape_markdown
 
 from adapters.discord_commands import add_commands
 from adapters.discord_outbox import DiscordOutbox
@@ -30,11 +33,12 @@ from adapters.discord_parts import (
     InteractionMeta,
     RerollButton,
     TextsTranslator,
+    human_bytes,
 )
 from bot.adapter import StatusUpdate
-from bot.chat import Chat
+from bot.chat import Chat, Reply
 from bot.engine import Engine
-from bot.errors import InvalidRequest, SettingsError, UserError
+from bot.errors import DeliveryError, InvalidRequest, SettingsError, UserError
 from bot.jobs import Job, Options, Request, StoredImage, Target, UserRef
 from bot.texts import pick_lang, render_error, t
 from bot.validate import MAX_REFERENCE_BYTES
@@ -299,6 +303,65 @@ class DiscordAdapter:
         log.error("discord: command failed", exc_info=error)
         if interaction.response.is_done():
             await self._edit_original(interaction, t(_lang(interaction), "error.generic"))
+
+    # ---- the operator's commands, and /show ---------------------------------------------------
+
+    async def admin(self, interaction: Inter, name: str, args: str = "") -> None:
+        """`/stats`, `/grant`, … through `Chat.admin` (which refuses non-admins), ephemerally;
+        `args` are the command's words as the text syntax has them."""
+        acked = await self._defer(interaction, ephemeral=True)
+        if acked is None:
+            return
+        lang = _lang(interaction)
+        target = self._target(interaction, acked)  # /policy's scope: this guild, else this chat
+        try:
+            reply = await self.chat.admin(_user(interaction), target, name, args, lang)
+        except UserError as exc:
+            reply = Reply(render_error(lang, exc), error=True)
+        await self._edit_original(interaction, escape_markdown(reply.text))
+        if reply.document is not None:
+            await self._send_document(interaction, lang, *reply.document)
+
+    async def _send_document(
+        self, interaction: Inter, lang: str, filename: str, data: bytes
+    ) -> None:
+        """A file only the caller sees. The deferred response was edited first, so Discord makes
+        this followup a message of its own (the first followup after a defer would replace the
+        response instead); gzipped when it would not fit the upload limit."""
+        size, limit = len(data), interaction.filesize_limit
+        if size > limit:
+            data, filename = await asyncio.to_thread(gzip.compress, data), filename + ".gz"
+        if len(data) > limit:
+            text = t(lang, "discord.export_too_big", size=human_bytes(size))
+            await self._edit_original(interaction, text)
+            return
+        try:
+            file = discord.File(io.BytesIO(data), filename=filename)
+            await interaction.followup.send(file=file, ephemeral=True)
+        except discord.HTTPException as exc:
+            log.warning(
+                "discord: %s for interaction %s not sent (%s)", filename, interaction.id, exc
+            )
+            await self._edit_original(interaction, t(lang, "error.generic"))
+
+    async def show(self, interaction: Inter, job: str) -> None:
+        """`/show job:`: the engine re-posts the job's stored images here through `deliver`,
+        as followups of this interaction; the ephemeral response says so."""
+        acked = await self._defer(interaction, ephemeral=True)
+        if acked is None:
+            return
+        lang = _lang(interaction)
+        target = self._target(interaction, acked)
+        with self.outbox.reposting(interaction, lang) as repost:
+            try:
+                reply = await self.chat.show(_user(interaction), target, job, lang)
+            except UserError as exc:
+                reply = render_error(lang, exc)
+            except (DeliveryError, TimeoutError) as exc:
+                log.warning("discord: /show %s not posted (%s)", job, exc)
+                reply = t(lang, "error.generic")
+        if reply != repost.shown:  # the outbox showed it before posting, as Discord needs
+            await self._edit_original(interaction, escape_markdown(reply))
 
     # ---- buttons (adapters.discord_parts.ButtonHandler) ------------------------------------
 

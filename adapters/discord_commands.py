@@ -1,8 +1,10 @@
-"""The slash commands: `/imagine` with its options and autocompletes, and the ephemeral ones."""
+"""The slash commands: `/imagine` with its options and autocompletes, the ephemeral ones, and the
+operator's (admin) commands, whose logic lives in `bot.chat.Chat.admin`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -12,7 +14,7 @@ from adapters.discord_parts import DrawbridgeClient, Inter, text
 from bot.catalog import ModelSpec
 from bot.commands import parse_job_ref, shorten
 from bot.engine import Engine
-from bot.jobs import Options, UserRef
+from bot.jobs import JobStatus, Options, UserRef
 from bot.texts import t
 
 if TYPE_CHECKING:
@@ -100,6 +102,136 @@ def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: Disc
 
         await adapter.ephemeral(interaction, answer)
 
+    add_account_commands(tree, adapter)
+    add_admin_commands(tree, adapter)
+
+
+def add_account_commands(
+    tree: app_commands.CommandTree[DrawbridgeClient], adapter: DiscordAdapter
+) -> None:
+    """Everyone's: `/link [code]`, `/history`, `/show job:`."""
+    engine, chat = adapter.engine, adapter.chat
+
+    @tree.command(name="link", description=text("discord.cmd.link"))
+    @app_commands.describe(code=text("discord.opt.code"))
+    async def link(interaction: Inter, code: str | None = None) -> None:
+        async def answer(user: UserRef, lang: str) -> str:
+            return await chat.link(user, code or "", lang)
+
+        await adapter.ephemeral(interaction, answer)
+
+    @tree.command(name="history", description=text("discord.cmd.history"))
+    async def history(interaction: Inter) -> None:
+        async def answer(user: UserRef, lang: str) -> str:
+            return fit_lines(escape_markdown(await chat.jobs_text(user, lang, limit=25)))
+
+        await adapter.ephemeral(interaction, answer)
+
+    @tree.command(name="show", description=text("discord.cmd.show"))
+    @app_commands.describe(job=text("discord.opt.show_job"))
+    async def show(interaction: Inter, job: str) -> None:
+        await adapter.show(interaction, job)
+
+    @show.autocomplete("job")
+    async def shown_job_choices(interaction: Inter, current: str) -> list[app_commands.Choice[str]]:
+        user = UserRef("discord", str(interaction.user.id))
+        return await finished_jobs_matching(engine, user, current)
+
+
+def add_admin_commands(
+    tree: app_commands.CommandTree[DrawbridgeClient], adapter: DiscordAdapter
+) -> None:
+    """`/stats`, `/grant`, `/ban`, `/unban`, `/policy`, `/export`: visible to all, and for
+    ADMIN_IDS only; `Chat.admin` checks the caller and answers anyone else with a refusal."""
+
+    @tree.command(name="stats", description=text("discord.cmd.stats"))
+    async def stats(interaction: Inter) -> None:
+        await adapter.admin(interaction, "stats")
+
+    @tree.command(name="grant", description=text("discord.cmd.grant"))
+    @app_commands.describe(user=text("discord.opt.user"), images=text("discord.opt.images"))
+    async def grant(
+        interaction: Inter,
+        user: app_commands.Transform[str, MemberOption],
+        images: app_commands.Range[int, 1, 1_000_000],
+    ) -> None:
+        await adapter.admin(interaction, "grant", f"{user} {images}")
+
+    @tree.command(name="ban", description=text("discord.cmd.ban"))
+    @app_commands.describe(user=text("discord.opt.user"))
+    async def ban(interaction: Inter, user: app_commands.Transform[str, MemberOption]) -> None:
+        await adapter.admin(interaction, "ban", user)
+
+    @tree.command(name="unban", description=text("discord.cmd.unban"))
+    @app_commands.describe(user=text("discord.opt.user"))
+    async def unban(interaction: Inter, user: app_commands.Transform[str, MemberOption]) -> None:
+        await adapter.admin(interaction, "unban", user)
+
+    @tree.command(name="policy", description=text("discord.cmd.policy"))
+    @app_commands.describe(
+        models=text("discord.opt.models"),
+        max_images=text("discord.opt.max_images"),
+        daily_images=text("discord.opt.daily_images"),
+        blocklist=text("discord.opt.blocklist"),
+    )
+    @app_commands.choices(blocklist=[app_commands.Choice(name=v, value=v) for v in ("on", "off")])
+    async def policy(
+        interaction: Inter,
+        models: str | None = None,
+        max_images: str | None = None,
+        daily_images: str | None = None,
+        blocklist: str | None = None,
+    ) -> None:
+        args = policy_args(
+            models=models, max_images=max_images, daily_images=daily_images, blocklist=blocklist
+        )
+        await adapter.admin(interaction, "policy", args)
+
+    @tree.command(name="export", description=text("discord.cmd.export"))
+    async def export(interaction: Inter) -> None:
+        await adapter.admin(interaction, "export")
+
+
+MENTION = re.compile(r"<@!?(\d+)>")
+
+
+def member_arg(value: object) -> str:
+    """A user option as `Chat.admin` takes it: `discord:<id>` for a Discord user (resolved or
+    not) or a bare id or mention; an id with its platform (`telegram:42`) as given."""
+    if isinstance(value, discord.abc.Snowflake):  # User, Member, or an unresolved Object
+        return f"discord:{value.id}"
+    typed = "".join(str(value).split())
+    if match := MENTION.fullmatch(typed):
+        return f"discord:{match[1]}"
+    return f"discord:{typed}" if typed.isdigit() else typed
+
+
+class MemberOption(app_commands.Transformer[discord.Client]):
+    """A Discord user option, handed over as `member_arg` makes it (never raises)."""
+
+    @property
+    def type(self) -> discord.AppCommandOptionType:
+        return discord.AppCommandOptionType.user
+
+    async def transform(self, interaction: Inter, value: Any, /) -> str:
+        return member_arg(value)
+
+
+def policy_args(**values: object) -> str:
+    """The options given, as the `key=value` words of `/policy` (no spaces inside a value)."""
+    return " ".join(
+        f"{key}={''.join(str(value).split())}" for key, value in values.items() if value is not None
+    )
+
+
+def fit_lines(answer: str, limit: int = 2000) -> str:
+    """Whole lines of `answer` within Discord's message limit."""
+    if len(answer) <= limit:
+        return answer
+    cut = answer[: limit - 2]
+    head, newline, _ = cut.rpartition("\n")
+    return (head if newline else cut[:-1]) + "\n…"
+
 
 def configured_models(engine: Engine) -> list[ModelSpec]:
     """The catalog's models whose provider this bot has a key for."""
@@ -140,5 +272,18 @@ async def active_jobs_matching(
     for job in await engine.jobs(user, MAX_CHOICES):
         if job.status.active and needle in job.id:
             label = f"{job.id} · {job.status.value} · {shorten(job.prompt, 60)}"
+            choices.append(app_commands.Choice(name=label[:100], value=job.id))
+    return choices
+
+
+async def finished_jobs_matching(
+    engine: Engine, user: UserRef, current: str
+) -> list[app_commands.Choice[str]]:
+    """The user's recent jobs that have images to show again."""
+    needle = current.strip().lstrip("#").lower()
+    choices = []
+    for job in await engine.jobs(user, MAX_CHOICES):
+        if job.status is JobStatus.SUCCEEDED and needle in job.id:
+            label = f"{job.id} · {job.model} · {shorten(job.prompt, 60)}"
             choices.append(app_commands.Choice(name=label[:100], value=job.id))
     return choices

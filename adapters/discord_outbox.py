@@ -4,15 +4,17 @@ A status message is the interaction's deferred response (`w:<id>`, edited with t
 token) or, when there is no live token, a channel message (`c:<id>`, edited with the bot token);
 the ref is recorded on the job so a restarted bot edits the same message. Edits are coalesced by
 a `StatusBoard`. Results go as the interaction's followup while the token lives, else to the
-channel with a mention, else (no permission there) to the user's DMs.
+channel with a mention, else (no permission there) to the user's DMs. A `/show` re-post goes
+as followups of the `/show` interaction, and touches no status message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import discord
 from discord.utils import escape_markdown
@@ -63,6 +65,15 @@ class _Status:
     quiet: bool = False  # worth an edit, not a new message (the result already said it)
 
 
+@dataclass(slots=True)
+class Repost:
+    """A `/show` under way: its interaction, the asker's language, what its response now says."""
+
+    interaction: Inter
+    lang: str
+    shown: str | None = None
+
+
 class DiscordOutbox:
     """Status edits and deliveries for the Discord adapter; `bind` it to a logged-in client."""
 
@@ -84,6 +95,7 @@ class DiscordOutbox:
         self._status_refs: dict[str, str] = {}  # job id → "w:<id>" or "c:<id>"
         self._dead: set[str] = set()  # jobs whose interaction token Discord refused
         self._queued: dict[str, int] = {}  # job id → the queue position last shown
+        self._reposts: dict[str, Repost] = {}  # interaction id → a /show under way
 
     def bind(self, client: discord.Client) -> None:
         self.client = client
@@ -240,6 +252,16 @@ class DiscordOutbox:
     def _token_alive(self, job_id: str, meta: InteractionMeta) -> bool:
         return job_id not in self._dead and meta.token_alive(self.clock())
 
+    @contextlib.contextmanager
+    def reposting(self, interaction: Inter, lang: str) -> Iterator[Repost]:
+        """While it lasts, a delivery whose target is `interaction` is a `/show` re-post."""
+        repost = Repost(interaction, lang)
+        self._reposts[str(interaction.id)] = repost
+        try:
+            yield repost
+        finally:
+            self._reposts.pop(str(interaction.id), None)
+
     async def deliver(self, job: Job, images: Sequence[StoredImage]) -> str:
         """Post the images (≤ 10 a message, each within the upload limit) with a 🔄 button.
 
@@ -247,6 +269,8 @@ class DiscordOutbox:
         token is gone, in the channel with a mention; if the bot may not post there, by DM.
         """
         meta = InteractionMeta.load(job.target.meta)
+        if meta is not None and (repost := self._reposts.get(meta.interaction_id)) is not None:
+            return await self._repost(job, images, meta, repost)
         limit = meta.size_limit if meta is not None else DEFAULT_FILE_LIMIT
         posted: list[str] = []
         if meta is not None and self._token_alive(job.id, meta):
@@ -277,6 +301,31 @@ class DiscordOutbox:
             quiet = True  # the mention on the result is the news; "done" is only an edit
         text = t(job.lang, "status.delivered", job=job.id)
         self._board.push(job.id, _Status(job, text, None, final=True, quiet=quiet), final=True)
+        return ",".join(posted)
+
+    async def _repost(
+        self, job: Job, images: Sequence[StoredImage], meta: InteractionMeta, repost: Repost
+    ) -> str:
+        """`/show`: the images again, in the asker's language, as public followups of the
+        ephemeral `/show` response. That response is edited first: Discord turns the first
+        followup after a defer into the (ephemeral) response itself."""
+        job = replace(job, lang=repost.lang)
+        uploads = await self._uploads(job, images, meta.size_limit)
+        text = t(repost.lang, "show.done", job=job.id, n=len(images))
+        posted: list[str] = []
+        try:
+            await repost.interaction.edit_original_response(content=text)
+            repost.shown = text
+            for message in self._messages(job, uploads, meta.size_limit):
+                sent = await repost.interaction.followup.send(
+                    message.content,
+                    files=message.files(),
+                    view=message.view or discord.utils.MISSING,
+                    wait=True,
+                )
+                posted.append(str(sent.id))
+        except discord.HTTPException as exc:
+            raise _delivery_error(exc) from None
         return ",".join(posted)
 
     async def _uploads(self, job: Job, images: Sequence[StoredImage], limit: int) -> list[Upload]:

@@ -7,7 +7,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,12 +21,11 @@ T = TypeVar("T")
 MAX_BATCH_UNITS = 512
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Unit:
     ops: Sequence[Op]
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    done: asyncio.Future[None]
+    before: Callable[[], None] | None = None  # runs on the writer thread before the commit
 
 
 class GroupWriter:
@@ -77,13 +76,32 @@ class GroupWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="db-writer")
 
-    async def run(self, *ops: Op) -> None:
-        """Commit `ops` as one atomic unit, or raise the database's error."""
+    async def run(self, *ops: Op, before: Callable[[], None] | None = None) -> None:
+        """Commit `ops` as one atomic unit, or raise the database's error.
+
+        `before` (say, writing image files) runs on the writer thread first; if it raises, the
+        unit's statements are not run and the error is raised here. It saves a thread hop, and
+        it orders the work: the files exist before the rows that point at them.
+        """
         if self._task is None or self._task.done():
             raise RuntimeError("database writer is not running")
-        unit = _Unit(ops)
+        unit = _Unit(ops, asyncio.get_running_loop().create_future(), before)
         self._queue.put_nowait(unit)
         await unit.done
+
+    def post(self, *ops: Op) -> asyncio.Future[None]:
+        """Queue `ops` as a unit without waiting; the future says how it went.
+
+        For bookkeeping whose loss a restart tolerates (a job marked running, a delivery
+        recorded): the caller goes on at once, and the unit still commits in order before
+        anything queued after it.
+        """
+        if self._task is None or self._task.done():
+            raise RuntimeError("database writer is not running")
+        unit = _Unit(ops, asyncio.get_running_loop().create_future())
+        unit.done.add_done_callback(_log_failure)
+        self._queue.put_nowait(unit)
+        return unit.done
 
     async def stop(self) -> None:
         """Write everything already queued, then stop."""
@@ -119,23 +137,45 @@ class GroupWriter:
             await self._write(batch)
 
     async def _write(self, batch: list[_Unit]) -> None:
-        try:
-            await self.call(partial(_transaction, ops=[op for unit in batch for op in unit.ops]))
-        except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch[0], exc)
-                return
-            # One bad unit must not fail its neighbours: retry each alone to find it.
-            for unit in batch:
-                try:
-                    await self.call(partial(_transaction, ops=unit.ops))
-                except Exception as one:
-                    _settle(unit, one)
-                else:
-                    _settle(unit, None)
-        else:
+        prelude_failed, committed = await self.call(partial(_run_batch, units=batch))
+        for unit, exc in prelude_failed.items():
+            _settle(unit, exc)
+        if committed:
             for unit in batch:
                 _settle(unit, None)
+            return
+        # The batch's transaction failed: one bad unit must not fail its neighbours.
+        for unit in batch:
+            if unit.done.done():
+                continue
+            try:
+                await self.call(partial(_transaction, ops=unit.ops))
+            except Exception as one:
+                _settle(unit, one)
+            else:
+                _settle(unit, None)
+
+
+def _run_batch(
+    db: sqlite3.Connection, units: Sequence[_Unit]
+) -> tuple[dict[_Unit, Exception], bool]:
+    """Preludes, then one transaction for every unit whose prelude worked.
+
+    Returns the units whose prelude failed (never committed) and whether the rest committed.
+    """
+    failed: dict[_Unit, Exception] = {}
+    for unit in units:
+        if unit.before is not None:
+            try:
+                unit.before()
+            except Exception as exc:
+                failed[unit] = exc
+    ops = [op for unit in units if unit not in failed for op in unit.ops]
+    try:
+        _transaction(db, ops)
+    except Exception:
+        return failed, False
+    return failed, True
 
 
 def _transaction(db: sqlite3.Connection, ops: Sequence[Op]) -> None:
@@ -162,6 +202,11 @@ def _transaction(db: sqlite3.Connection, ops: Sequence[Op]) -> None:
             except sqlite3.Error:
                 log.debug("rollback after failed batch", exc_info=True)
         raise
+
+
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("a posted database write failed", exc_info=done.exception())
 
 
 def _settle(unit: _Unit, exc: BaseException | None) -> None:

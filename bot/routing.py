@@ -198,19 +198,27 @@ class Router:
     ) -> list[GeneratedImage]:
         """One attempt on `route`, through its provider's cap, rate limit and breaker."""
         name = route.provider.name
-        breaker = self.breakers.setdefault(name, Breaker(name))
+        breaker = self.breakers.get(name) or self.breakers.setdefault(name, Breaker(name))
+        if name not in self._slots and name not in self._limiters:
+            return await self._call(breaker, route, request, hooks)
         async with self._admitted(name):
-            if not breaker.allow():
-                raise CircuitOpen(f"provider {name} is failing; its breaker is open")
-            try:
-                images = await route.provider.generate(request, hooks)
-            except asyncio.CancelledError:
-                breaker._probing = False
-                raise
-            except (ProviderError, TimeoutError) as exc:
-                breaker.failure(exc)
-                if self.on_error is not None:
-                    self.on_error(name, exc)
-                raise
-            breaker.success()
-            return images
+            return await self._call(breaker, route, request, hooks)
+
+    async def _call(
+        self, breaker: Breaker, route: Route, request: GenerationRequest, hooks: JobHooks
+    ) -> list[GeneratedImage]:
+        name = route.provider.name
+        if not breaker.allow():
+            raise CircuitOpen(f"provider {name} is failing; its breaker is open")
+        try:
+            images = await route.provider.generate(request, hooks)
+        except asyncio.CancelledError:
+            breaker._probing = False
+            raise
+        except (ProviderError, TimeoutError) as exc:
+            breaker.failure(exc)
+            if self.on_error is not None:
+                self.on_error(name, exc)
+            raise
+        breaker.success()
+        return images

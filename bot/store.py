@@ -9,6 +9,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -116,6 +117,10 @@ class Store:
         """Commit statements as one atomic unit (group-committed with concurrent callers)."""
         await self._writer.run(*ops)
 
+    def post(self, *ops: Op) -> asyncio.Future[None]:
+        """Queue a unit without waiting for its commit (see `GroupWriter.post`)."""
+        return self._writer.post(*ops)
+
     async def insert_job(self, job: Job) -> None:
         await self.write(insert_job_op(job))
 
@@ -132,10 +137,14 @@ class Store:
             await asyncio.to_thread(lambda: [(self.data_dir / p).read_bytes() for p in paths])
         )
 
-    async def write_images(
-        self, job_id: str, images: Sequence[GeneratedImage]
+    async def save_images(
+        self, job_id: str, images: Sequence[GeneratedImage], *ops: Op
     ) -> list[StoredImage]:
-        """Write image files (not yet recorded: `succeed_ops` records them with the job's outcome)."""
+        """Write the image files, then commit their rows with `ops`, in one writer round trip.
+
+        The files are written on the writer thread just before the transaction, so a row never
+        points at a file that is not whole; a disk error fails this unit alone.
+        """
         folder = self.images_dir / job_id[:2]
         stored = [
             StoredImage(
@@ -149,9 +158,8 @@ class Store:
             )
             for i, img in enumerate(images)
         ]
-        await asyncio.to_thread(
-            _write_files, [(s.path, img.data) for s, img in zip(stored, images, strict=True)]
-        )
+        files = [(s.path, img.data) for s, img in zip(stored, images, strict=True)]
+        await self._writer.run(*self.image_ops(stored), *ops, before=partial(_write_files, files))
         return stored
 
     def image_ops(self, images: Iterable[StoredImage]) -> list[Op]:

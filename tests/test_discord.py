@@ -155,7 +155,8 @@ async def test_start_logs_in_syncs_commands_and_identifies_without_privileged_in
     bot: Bot, fake: FakeDiscord
 ) -> None:
     assert [c.path for c in fake.calls[:2]] == ["/users/@me", "/oauth2/applications/@me"]
-    names = {"imagine", "usage", "jobs", "cancel", "models", "settings"}
+    names = {"imagine", "usage", "jobs", "cancel", "models", "settings", "link", "history"}
+    names |= {"show", "stats", "grant", "ban", "unban", "policy", "export"}
     assert {c["name"] for c in fake.commands[None]} == names  # global
     assert {c["name"] for c in fake.commands[GUILD_ID]} == names  # and the guild, at once
     imagine = next(c for c in fake.commands[None] if c["name"] == "imagine")
