@@ -411,6 +411,10 @@ class DiscordOutbox:
 
     async def notify(self, target: Target, text: str) -> None:
         try:
+            if target.meta == "dm":  # chat_id is a user id: an admin alert
+                dm = await self._require().create_dm(discord.Object(int(target.chat_id)))
+                await dm.send(text[:2000])
+                return
             await self._channel(target.chat_id).send(text[:2000])
         except discord.HTTPException as exc:
             raise _delivery_error(exc) from None

@@ -361,3 +361,12 @@ async def test_an_admin_may_show_anyones_job(bot: Bot, fake: FakeDiscord) -> Non
     await answered(fake, inter, EN["show.done"].format(job=job_id, n=1))
     (post,) = await fake.wait_for(lambda: fake.followups(inter.token))
     assert post.files and job_of(fake, inter) == job_id
+
+
+async def test_admin_alerts_arrive_as_a_direct_message(bot: Bot, fake: FakeDiscord) -> None:
+    bot.engine.alert("auth:grsai", "alert.auth", provider="grsai")
+    bot.engine.alert("auth:grsai", "alert.auth", provider="grsai")  # once a day per event
+    await fake.wait_for(lambda: fake.dm_channels.get(str(USER["id"])))
+    dm = fake.dm_channels[str(USER["id"])]
+    (post,) = await fake.wait_for(lambda: fake.channel_posts(dm))
+    assert "grsai API rejected" in post.payload["content"]
