@@ -1,0 +1,277 @@
+"""The Telegram adapter: python-telegram-bot 22 in our event loop, turning chats into engine calls.
+
+Input rules: in a private chat plain text is a prompt; in groups `/imagine`, a mention of the bot
+or a reply to the bot; forum topics keep their thread; a photo with a caption, or `/imagine`
+replying to a photo, makes that photo a reference image (`telegram_input`). Long polling by
+default, or webhook updates fed through `process_webhook_update`. `telegram_status` shows what a
+job is doing, `telegram_delivery` posts results, `telegram_buttons` answers their buttons, and
+every call goes through `telegram_send`, which keeps the chats' send budgets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+# PTB 22 warns on every RetryAfter unless durations are timedeltas; our code takes either.
+os.environ.setdefault("PTB_TIMEDELTA", "true")
+
+from telegram import BotCommand, Message, Update
+from telegram.constants import ChatType, UpdateType
+from telegram.error import InvalidToken, TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationBuilder,
+    CallbackQueryHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from adapters.telegram_buttons import ButtonPresses, cancel_button
+from adapters.telegram_delivery import Delivery
+from adapters.telegram_input import AskKind, fetch_reference, read_message
+from adapters.telegram_send import Buttons, Sender, place_of
+from adapters.telegram_status import ChatStatus
+from bot.adapter import StatusKind, StatusUpdate
+from bot.chat import Chat
+from bot.commands import parse_prompt
+from bot.engine import Engine
+from bot.errors import SettingsError, UserError
+from bot.jobs import Job, StoredImage, Target, UserRef
+from bot.texts import pick_lang, render_error, t
+
+log = logging.getLogger("drawbridge.telegram")
+
+ALLOWED_UPDATES = [UpdateType.MESSAGE, UpdateType.CALLBACK_QUERY]
+MENU = ("imagine", "usage", "jobs", "cancel", "models", "settings", "help")
+REFERENCE_MAX_BYTES = 10_000_000
+
+
+def job_message_id(job: Job) -> int | None:
+    return int(job.status_message_id) if job.status_message_id else None
+
+
+class TelegramAdapter:
+    """Telegram as the engine's adapter and as one of the app's services."""
+
+    platform = "telegram"
+
+    def __init__(
+        self,
+        engine: Engine,
+        token: str,
+        api_url: str = "https://api.telegram.org",
+        *,
+        poll_timeout: float = 10,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
+        edit_interval: float = 3.0,
+        action_interval: float = 4.5,
+        reference_max_bytes: int = REFERENCE_MAX_BYTES,
+        rate_limiter: AIORateLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.chat = Chat(engine)
+        self.poll_timeout = poll_timeout
+        self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret
+        self.reference_max_bytes = reference_max_bytes
+        self.clock = clock
+        self.errors: deque[BaseException] = deque(maxlen=100)  # handler errors, for tests
+        self.api_url = api_url = api_url.rstrip("/")
+        builder = (
+            ApplicationBuilder()
+            .token(token)
+            .base_url(f"{api_url}/bot")
+            .base_file_url(f"{api_url}/file/bot")
+            .rate_limiter(rate_limiter or AIORateLimiter(max_retries=0))
+            .concurrent_updates(True)
+        )
+        if webhook_url:
+            builder = builder.updater(None)
+        self.app: Application[Any, Any, Any, Any, Any, Any] = builder.build()
+        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self.app.add_handler(CallbackQueryHandler(self._on_callback))
+        self.app.add_error_handler(self._on_error)
+        self.sender = Sender(self.app.bot, clock)
+        self.board = ChatStatus(
+            self.sender,
+            self.engine.attach_status_message,
+            edit_interval=edit_interval,
+            action_interval=action_interval,
+            clock=clock,
+        )
+        self.delivery = Delivery(self.sender)
+        self.buttons = ButtonPresses(self)
+
+    # ---- service lifecycle ----------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Check the token (getMe) and register with the engine, so deliveries can resume."""
+        try:
+            await self.app.initialize()
+        except InvalidToken:
+            await self.app.bot.shutdown()  # its HTTP clients were opened before getMe failed
+            # PTB's message carries the token: never pass it on.
+            raise SettingsError("TELEGRAM_BOT_TOKEN: Telegram rejected the token") from None
+        except TelegramError as exc:
+            await self.app.bot.shutdown()
+            raise SettingsError(
+                f"TELEGRAM_API_URL: the Bot API at {self.api_url} did not answer getMe "
+                f"({type(exc).__name__})"
+            ) from None
+        self.engine.register(self)
+
+    async def start(self) -> None:
+        await self._set_commands()
+        await self.app.start()
+        if self.webhook_url:
+            await self.app.bot.set_webhook(
+                self.webhook_url, secret_token=self.webhook_secret, allowed_updates=ALLOWED_UPDATES
+            )
+        elif self.app.updater is not None:
+            await self.app.updater.start_polling(
+                timeout=timedelta(seconds=self.poll_timeout), allowed_updates=ALLOWED_UPDATES
+            )
+        me = self.app.bot
+        log.info(
+            "telegram: serving as @%s (%s)",
+            me.username,
+            "webhook" if self.webhook_url else "polling",
+        )
+
+    async def stop_intake(self) -> None:
+        if self.app.updater is not None and self.app.updater.running:
+            await self.app.updater.stop()
+        if self.app.running:
+            await self.app.stop()
+
+    async def close(self) -> None:
+        await self.board.close()
+        await self.app.shutdown()
+
+    async def process_webhook_update(self, payload: dict[str, Any]) -> None:
+        """Feed one update from a webhook request (the route has checked the secret)."""
+        update = Update.de_json(payload, self.app.bot)
+        await self.app.update_queue.put(update)
+
+    def webhook_secret_ok(self, header: str | None) -> bool:
+        """Whether `X-Telegram-Bot-Api-Secret-Token` matches the configured secret."""
+        return not self.webhook_secret or header == self.webhook_secret
+
+    async def _set_commands(self) -> None:
+        for lang, code in (("en", None), ("zh", "zh")):
+            commands = [BotCommand(name, t(lang, f"menu.{name}")) for name in MENU]
+            try:
+                await self.app.bot.set_my_commands(commands, language_code=code)
+            except TelegramError as exc:
+                log.warning("telegram: command menu (%s) not set: %s", lang, exc.message)
+
+    # ---- the engine's side ----------------------------------------------------------------
+
+    async def deliver(self, job: Job, images: Sequence[StoredImage]) -> str:
+        self.board.stop_typing(job.id)
+        place = place_of(job.target)
+        ids = await self.delivery.deliver(job, images, place)
+        done = t(job.lang, "status.delivered", job=job.id)
+        self.board.delivered(job.id, place, done, job_message_id(job))
+        return ",".join(str(i) for i in ids)
+
+    async def status(self, job: Job, update: StatusUpdate) -> None:
+        place = place_of(job.target)
+        active = update.kind in (StatusKind.QUEUED, StatusKind.STARTED, StatusKind.PROGRESS)
+        if update.kind in (StatusKind.STARTED, StatusKind.PROGRESS):
+            self.board.typing(job.id, place)
+        else:
+            self.board.stop_typing(job.id)
+        self.board.show(
+            job.id,
+            place,
+            update.text,
+            self._cancel_button(job.id, job.lang) if active else (),
+            droppable=update.kind in (StatusKind.STARTED, StatusKind.PROGRESS),
+            final=update.kind.final,
+            message_id=job_message_id(job),
+        )
+
+    async def notify(self, target: Target, text: str) -> None:
+        self.board.reply(place_of(target), text, "en")
+
+    @staticmethod
+    def _cancel_button(job_id: str, lang: str) -> Buttons:
+        return cancel_button(job_id, lang)
+
+    # ---- messages -------------------------------------------------------------------------
+
+    async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        msg = update.message
+        sender = msg.from_user if msg is not None else None
+        if msg is None or sender is None or sender.is_bot:
+            return
+        if msg.migrate_to_chat_id:  # the group became a supergroup: follow it from now on
+            self.sender.migrated[msg.chat.id] = msg.migrate_to_chat_id
+            return
+        bot = self.app.bot
+        ask = read_message(msg, bot.username or "", bot.id)
+        if ask.kind is AskKind.IGNORE:
+            return
+        lang = pick_lang(sender.language_code)
+        user = UserRef("telegram", str(sender.id))
+        thread = msg.message_thread_id if msg.is_topic_message else None
+        target = Target(
+            "telegram",
+            chat_id=str(msg.chat.id),
+            thread_id=str(thread) if thread else None,
+            reply_to=str(msg.message_id),
+        )
+        place = place_of(target)
+        try:
+            if ask.kind is AskKind.HINT:
+                self.board.reply(place, t(lang, ask.text), lang, str(user))
+            elif ask.kind is AskKind.COMMAND:
+                private = msg.chat.type == ChatType.PRIVATE
+                reply = await self.chat.handle(
+                    user, target, ask.text, lang=lang, private=private, bot_username=bot.username
+                )
+                if reply is not None:
+                    self.board.reply(place, reply.text, lang, str(user))
+            else:
+                await self._imagine(msg, user, target, ask.text, lang)
+        except Exception:
+            self.board.reply(place, t(lang, "error.generic"), lang, str(user))  # never silence
+            raise
+
+    async def _imagine(
+        self, msg: Message, user: UserRef, target: Target, prompt: str, lang: str
+    ) -> None:
+        place = place_of(target)
+        try:
+            parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)  # before any fetch
+            refs = await fetch_reference(self.app.bot, msg, self.reference_max_bytes)
+        except UserError as exc:
+            self.board.reply(place, render_error(lang, exc), lang, str(user))
+            return
+        reply = await self.chat.imagine(user, target, prompt, lang, refs)
+        if reply.ticket is None:
+            self.board.reply(place, reply.text, lang, str(user))
+            return
+        job_id = reply.ticket.job_id
+        self.board.show(job_id, place, reply.text, self._cancel_button(job_id, lang), initial=True)
+
+    async def _on_callback(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if update.callback_query is not None:
+            await self.buttons.handle(update.callback_query)
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        error = context.error
+        if error is not None:
+            self.errors.append(error)
+            log.error("telegram: update failed", exc_info=error)

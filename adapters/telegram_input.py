@@ -1,0 +1,117 @@
+"""Reading a Telegram message: is it for the bot, and what does it ask? Plus its reference image.
+
+In a private chat plain text is a prompt. In a group the bot answers `/imagine`, its other
+commands, a mention (`@drawbot a fox`) and replies to its own messages; everything else there is
+other people's conversation. A photo (or an image sent as a file) on the message, or on the
+message it replies to, is the reference image.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+from telegram import Bot, Message
+from telegram.constants import ChatType, MessageEntityType
+from telegram.error import TelegramError
+
+from bot.chat import COMMANDS
+from bot.commands import ALIASES, parse_command
+from bot.errors import InvalidRequest
+
+log = logging.getLogger("drawbridge.telegram")
+
+KNOWN_COMMANDS = frozenset(COMMANDS) | frozenset(ALIASES)
+
+
+class AskKind(StrEnum):
+    IMAGINE = "imagine"  # `text` is the prompt with its options
+    COMMAND = "command"  # `text` is the whole command, for `Chat.handle`
+    HINT = "hint"  # `text` is the key of a short hint to answer with
+    IGNORE = "ignore"  # not for the bot
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What one message asks of the bot."""
+
+    kind: AskKind
+    text: str = ""
+
+
+IGNORE = Ask(AskKind.IGNORE)
+
+
+def image_file(msg: Message | None) -> tuple[str, int | None] | None:
+    """The file id and size of the message's photo (its largest size) or image document."""
+    if msg is None:
+        return None
+    if msg.photo:
+        best = msg.photo[-1]
+        return best.file_id, best.file_size
+    doc = msg.document
+    if doc is not None and (doc.mime_type or "").startswith("image/"):
+        return doc.file_id, doc.file_size
+    return None
+
+
+def strip_mention(msg: Message, text: str, username: str) -> tuple[bool, str]:
+    """Whether the bot is @mentioned, and the text without the mention."""
+    kinds: list[str | None] = [MessageEntityType.MENTION]
+    entities = msg.parse_entities(kinds) if msg.text else msg.parse_caption_entities(kinds)
+    found = False
+    for mention in entities.values():
+        if mention.lstrip("@").lower() == username.lower():
+            found = True
+            text = text.replace(mention, " ")
+    return found, " ".join(text.split()) if found else text
+
+
+def read_message(msg: Message, username: str, bot_id: int) -> Ask:
+    """Classify a message by the input rules above."""
+    private = msg.chat.type == ChatType.PRIVATE
+    text = msg.text if msg.text is not None else (msg.caption or "")
+    mentioned, body = strip_mention(msg, text, username)
+    replied = msg.reply_to_message
+    to_bot = bool(replied and replied.from_user and replied.from_user.id == bot_id)
+    if not body.strip():
+        if msg.text is not None or mentioned:
+            return Ask(AskKind.HINT, "error.empty_prompt") if private or mentioned else IGNORE
+        if not private:
+            return IGNORE
+        key = "hint.photo_needs_caption" if image_file(msg) else "hint.unsupported"
+        return Ask(AskKind.HINT, key)
+    command = parse_command(body, username)
+    if command is None:
+        if parse_command(body) is not None:
+            return IGNORE  # `/cmd@otherbot`
+        return Ask(AskKind.IMAGINE, body) if private or mentioned or to_bot else IGNORE
+    if command.name == "imagine":
+        return Ask(AskKind.IMAGINE, command.args)
+    explicit = "@" in body.split(maxsplit=1)[0]
+    if command.name not in KNOWN_COMMANDS and not (private or explicit):
+        return IGNORE  # in a group, an unknown bare command is some other bot's
+    return Ask(AskKind.COMMAND, body)
+
+
+async def fetch_reference(bot: Bot, msg: Message, max_bytes: int) -> tuple[bytes, ...]:
+    """The reference image, downloaded through getFile; `InvalidRequest` when too big or gone."""
+    found = image_file(msg) or image_file(msg.reply_to_message)
+    if found is None:
+        return ()
+    file_id, size = found
+    too_big = InvalidRequest("error.reference_too_big", max_mb=max_bytes // 1_000_000)
+    if size is not None and size > max_bytes:
+        raise too_big  # Telegram told us the size: no download at all
+    try:
+        file = await bot.get_file(file_id)
+        if file.file_size is not None and file.file_size > max_bytes:
+            raise too_big
+        data = bytes(await file.download_as_bytearray())
+    except TelegramError as exc:
+        log.info("reference image not fetched: %s", exc.message)
+        raise InvalidRequest("error.reference_download") from None
+    if len(data) > max_bytes:
+        raise too_big
+    return (data,)

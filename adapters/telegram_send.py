@@ -1,0 +1,295 @@
+"""Every Bot API call the Telegram adapter makes: the send budget, migrated groups, retries.
+
+Telegram's flood limits are one budget for acks, status edits and results (DESIGN rule 6). PTB's
+`AIORateLimiter` queues calls to stay inside it; on top of that this module keeps its own picture
+of each chat's budget, so that a *droppable* call (a progress edit, a chat action) is skipped when
+the chat is busy instead of queueing in front of a result. Essential calls retry a 429 after its
+`retry_after` (through the limiter); droppable calls never wait for one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, TypeVar
+
+from telegram import (
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputMediaDocument,
+    InputMediaPhoto,
+    Message,
+    ReplyParameters,
+)
+from telegram.constants import ChatAction
+from telegram.error import BadRequest, ChatMigrated, RetryAfter
+from telegram.ext import ExtBot
+
+from bot.jobs import Target
+
+log = logging.getLogger("drawbridge.telegram")
+
+T = TypeVar("T")
+Buttons = tuple[tuple[str, str], ...]  # (label, callback_data), one row
+ESSENTIAL_RETRIES = 3
+TEXT_LIMIT = 4096
+
+
+def fit_text(text: str, limit: int = TEXT_LIMIT) -> str:
+    """Cut `text` to `limit` UTF-16 code units (how Telegram counts), with an ellipsis."""
+    if len(text.encode("utf-16-le")) // 2 <= limit:
+        return text
+    out = text[: limit - 1]
+    while len(out.encode("utf-16-le")) // 2 > limit - 1:
+        out = out[:-1]
+    return out + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A spot in a chat: the chat, its forum topic, and the message to reply to."""
+
+    chat_id: int
+    thread_id: int | None = None
+    reply_to: int | None = None
+
+
+def place_of(target: Target) -> Place:
+    """Where a job's answers go, from its stored target."""
+
+    def num(value: str | None) -> int | None:
+        return int(value) if value else None
+
+    return Place(int(target.chat_id), num(target.thread_id), num(target.reply_to))
+
+
+def retry_seconds(exc: RetryAfter) -> float:
+    """`retry_after` in seconds, whichever type this PTB version hands out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PTB 22 warns that the type will become timedelta
+        value: Any = exc.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def not_modified(exc: BadRequest) -> bool:
+    return "not modified" in exc.message.lower()
+
+
+class Bucket:
+    """A leaky bucket: `capacity` calls at once, refilled at `capacity / period` a second."""
+
+    def __init__(self, capacity: float, period: float, clock: Callable[[], float]) -> None:
+        self.capacity = capacity
+        self.rate = capacity / period
+        self.clock = clock
+        self.level = 0.0
+        self.stamp = clock()
+
+    def room(self) -> float:
+        now = self.clock()
+        self.level = max(0.0, self.level - (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.capacity - self.level
+
+    def spend(self) -> None:
+        self.room()
+        self.level += 1
+
+
+class Sender:
+    """Sends through PTB's bot, following migrated groups and keeping per-chat budgets."""
+
+    # (capacity, period, calls kept free for results and acks) per kind of budget
+    GROUP = (20.0, 60.0, 6.0)
+    PRIVATE = (5.0, 5.0, 2.0)
+    OVERALL = (30.0, 1.0, 10.0)
+
+    def __init__(self, bot: ExtBot[Any], clock: Callable[[], float] = time.monotonic) -> None:
+        self.bot = bot
+        self.clock = clock
+        self.migrated: dict[int, int] = {}
+        self._buckets: dict[int, Bucket] = {}
+        self._overall = Bucket(self.OVERALL[0], self.OVERALL[1], clock)
+
+    # ---- budget ---------------------------------------------------------------------------
+
+    def chat(self, chat_id: int) -> int:
+        """Where a chat lives now (a group upgraded to a supergroup moves)."""
+        return self.migrated.get(chat_id, chat_id)
+
+    def _bucket(self, chat_id: int) -> Bucket:
+        bucket = self._buckets.get(chat_id)
+        if bucket is None:
+            capacity, period, _ = self.GROUP if chat_id < 0 else self.PRIVATE
+            bucket = self._buckets[chat_id] = Bucket(capacity, period, self.clock)
+            if len(self._buckets) > 10_000:  # forget idle chats
+                for key in [k for k, b in self._buckets.items() if b.room() >= b.capacity]:
+                    del self._buckets[key]
+                self._buckets[chat_id] = bucket
+        return bucket
+
+    def has_room(self, chat_id: int) -> bool:
+        """Whether a droppable call to this chat fits without delaying anything that matters."""
+        chat = self.chat(chat_id)
+        reserve = (self.GROUP if chat < 0 else self.PRIVATE)[2]
+        return self._bucket(chat).room() > reserve and self._overall.room() > self.OVERALL[2]
+
+    async def call(
+        self, chat_id: int, send: Callable[[int], Awaitable[T]], *, message: bool = True
+    ) -> T:
+        """Run `send(chat)`, spending the chat's budget and following a migrated group.
+
+        Calls that post no message (chat actions, deletes) are not held against a private chat,
+        but PTB's limiter counts everything in a group, so there they are.
+        """
+        chat = self.chat(chat_id)
+        for _ in range(3):
+            if message or chat < 0:
+                self._bucket(chat).spend()
+            self._overall.spend()
+            try:
+                return await send(chat)
+            except ChatMigrated as exc:
+                log.info("chat %s moved to %s", chat, exc.new_chat_id)
+                self.migrated[chat_id] = self.migrated[chat] = exc.new_chat_id
+                chat = exc.new_chat_id
+        raise BadRequest("the chat keeps migrating")
+
+    # ---- calls ----------------------------------------------------------------------------
+
+    @staticmethod
+    def markup(buttons: Buttons) -> InlineKeyboardMarkup | None:
+        if not buttons:
+            return None
+        return InlineKeyboardMarkup(
+            [[InlineKeyboardButton(label, callback_data=data) for label, data in buttons]]
+        )
+
+    @staticmethod
+    def _reply(reply_to: int | None) -> ReplyParameters | None:
+        if reply_to is None:
+            return None
+        return ReplyParameters(reply_to, allow_sending_without_reply=True)
+
+    async def send_text(
+        self,
+        chat_id: int,
+        text: str,
+        *,
+        thread_id: int | None = None,
+        reply_to: int | None = None,
+        buttons: Buttons = (),
+    ) -> Message:
+        return await self.call(
+            chat_id,
+            lambda chat: self.bot.send_message(
+                chat,
+                text,
+                message_thread_id=thread_id,
+                reply_parameters=self._reply(reply_to),
+                reply_markup=self.markup(buttons),
+                rate_limit_args=ESSENTIAL_RETRIES,
+            ),
+        )
+
+    async def edit_text(
+        self, chat_id: int, message_id: int, text: str, buttons: Buttons, *, essential: bool
+    ) -> None:
+        """Edit a message's text; "message is not modified" counts as done."""
+        retries = ESSENTIAL_RETRIES if essential else None
+        try:
+            await self.call(
+                chat_id,
+                lambda chat: self.bot.edit_message_text(
+                    text,
+                    chat_id=chat,
+                    message_id=message_id,
+                    reply_markup=self.markup(buttons),
+                    rate_limit_args=retries,
+                ),
+            )
+        except BadRequest as exc:
+            if not not_modified(exc):
+                raise
+
+    async def delete(self, chat_id: int, message_id: int) -> None:
+        await self.call(
+            chat_id, lambda chat: self.bot.delete_message(chat, message_id), message=False
+        )
+
+    async def chat_action(self, chat_id: int, thread_id: int | None) -> None:
+        await self.call(
+            chat_id,
+            lambda chat: self.bot.send_chat_action(
+                chat, ChatAction.UPLOAD_PHOTO, message_thread_id=thread_id
+            ),
+            message=False,
+        )
+
+    async def send_file(
+        self,
+        kind: Literal["photo", "document"],
+        chat_id: int,
+        data: bytes,
+        filename: str,
+        *,
+        caption: str | None = None,
+        thread_id: int | None = None,
+        reply_to: int | None = None,
+        buttons: Buttons = (),
+    ) -> Message:
+        """One photo or document, uploaded as bytes; `caption` is Telegram HTML."""
+
+        async def send(chat: int) -> Message:
+            common: dict[str, Any] = {
+                "caption": caption,
+                "parse_mode": "HTML" if caption else None,
+                "message_thread_id": thread_id,
+                "reply_parameters": self._reply(reply_to),
+                "reply_markup": self.markup(buttons),
+                "filename": filename,
+                "rate_limit_args": ESSENTIAL_RETRIES,
+            }
+            if kind == "photo":
+                return await self.bot.send_photo(chat, data, **common)
+            return await self.bot.send_document(chat, data, **common)
+
+        return await self.call(chat_id, send)
+
+    async def send_album(
+        self,
+        kind: Literal["photo", "document"],
+        chat_id: int,
+        files: Sequence[tuple[bytes, str]],
+        *,
+        caption: str | None = None,
+        thread_id: int | None = None,
+        reply_to: int | None = None,
+    ) -> Sequence[Message]:
+        """2–10 photos or documents as one album; the caption goes on the first item."""
+        media: list[InputMediaPhoto | InputMediaDocument] = []
+        for i, (data, filename) in enumerate(files):
+            text = caption if i == 0 else None
+            parse_mode = "HTML" if text else None
+            if kind == "photo":
+                media.append(
+                    InputMediaPhoto(data, caption=text, parse_mode=parse_mode, filename=filename)
+                )
+            else:
+                media.append(
+                    InputMediaDocument(data, caption=text, parse_mode=parse_mode, filename=filename)
+                )
+        return await self.call(
+            chat_id,
+            lambda chat: self.bot.send_media_group(
+                chat,
+                media,
+                message_thread_id=thread_id,
+                reply_parameters=self._reply(reply_to),
+                rate_limit_args=ESSENTIAL_RETRIES,
+            ),
+        )

@@ -1,0 +1,322 @@
+"""What the Telegram adapter shows while a job runs: status lines, coalesced replies, chat actions.
+
+Each job has one status message, posted as a reply to the command and then edited in place. Only
+the newest wanted text is kept, so a stale progress edit is dropped rather than queued; edits to
+one message are at least `edit_interval` apart, and progress edits wait while the chat's send
+budget is low. When the result is posted the status message says "done" (an edit that also waits
+for room, so results go first); a job whose result comes before its ack was sent posts no ack at
+all. Short answers to one user in one chat that pile up while a send is in flight go out as one
+message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
+
+from adapters.telegram_send import Buttons, Place, Sender, fit_text, retry_seconds
+from bot.texts import t
+
+log = logging.getLogger("drawbridge.telegram")
+
+GIVE_UP_AFTER = 3  # failed attempts to post one status message
+
+
+@dataclass
+class _Line:
+    """One job's status message."""
+
+    job_id: str
+    place: Place
+    message_id: int | None = None
+    wanted: tuple[str, Buttons] | None = None
+    shown: tuple[str, Buttons] | None = None
+    droppable: bool = False  # the wanted text may be skipped when the chat is busy
+    final: bool = False  # the wanted text is the job's last word
+    delivered: bool = False  # the result is out: say done if the ack was shown, else nothing
+    dead: bool = False  # the chat refuses us: stop
+    failures: int = 0
+    last: float = float("-inf")
+    task: asyncio.Task[None] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Outbox:
+    pending: list[tuple[str, int | None]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+
+class ChatStatus:
+    """Status lines, the replies outbox and the `upload_photo` heartbeat for one bot."""
+
+    def __init__(
+        self,
+        sender: Sender,
+        attach: Callable[[str, str], Awaitable[None]],
+        *,
+        edit_interval: float = 3.0,
+        action_interval: float = 4.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sender = sender
+        self.attach = attach
+        self.edit_interval = edit_interval
+        self.action_interval = action_interval
+        self.clock = clock
+        self._lines: dict[str, _Line] = {}
+        self._outboxes: dict[tuple[int, int | None, str | None], _Outbox] = {}
+        self._typing: dict[tuple[int, int | None], set[str]] = {}
+        self._typing_keys: dict[str, tuple[int, int | None]] = {}
+        self._typing_tasks: dict[tuple[int, int | None], asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # ---- status lines ---------------------------------------------------------------------
+
+    def show(
+        self,
+        job_id: str,
+        place: Place,
+        text: str,
+        buttons: Buttons = (),
+        *,
+        droppable: bool = False,
+        final: bool = False,
+        initial: bool = False,
+        message_id: int | None = None,
+    ) -> None:
+        """Want `text` on the job's status message; `initial` does not override a newer text."""
+        line = self._line(job_id, place, message_id)
+        if line.delivered or line.final or (initial and line.wanted is not None):
+            return
+        line.wanted = (fit_text(text), buttons)
+        line.droppable = droppable
+        line.final = final
+        self._kick(line)
+
+    def delivered(
+        self, job_id: str, place: Place, text: str, message_id: int | None = None
+    ) -> None:
+        """The result is posted: the status message says `text`, once the chat has room."""
+        line = self._line(job_id, place, message_id)
+        line.delivered = line.final = True
+        line.droppable = False
+        line.wanted = (fit_text(text), ())
+        self._kick(line)
+
+    def _line(self, job_id: str, place: Place, message_id: int | None) -> _Line:
+        line = self._lines.get(job_id)
+        if line is None:
+            line = self._lines[job_id] = _Line(job_id, place, message_id=message_id)
+        return line
+
+    def _kick(self, line: _Line) -> None:
+        line.changed.set()
+        if line.task is None:
+            line.task = self._spawn(self._flush(line))
+
+    async def _flush(self, line: _Line) -> None:
+        try:
+            while not line.dead:
+                line.changed.clear()
+                place = line.place
+                if line.delivered and line.message_id is None:
+                    break  # the result came before the ack went out: the result says it all
+                if line.wanted is None or line.wanted == line.shown:
+                    break
+                if line.droppable and self._closing:
+                    break
+                if line.message_id is None:
+                    await self._post(line)
+                    continue
+                if self._closing:
+                    await self._edit(line)  # the last word goes now, once
+                    break
+                wait = line.last + self.edit_interval - self.clock()
+                deferrable = line.droppable or line.delivered
+                if wait <= 0 and deferrable and not self.sender.has_room(place.chat_id):
+                    # The chat is busy: results go first. A progress edit waits (and is replaced
+                    # by a newer one meanwhile); the "done" edit waits for room.
+                    wait = self.edit_interval
+                if wait > 0:
+                    await self._pause(line, wait)
+                    continue
+                await self._edit(line)
+        finally:
+            line.task = None
+            if (
+                line.dead
+                or (line.final and line.wanted == line.shown)
+                or (line.delivered and line.message_id is None)
+            ):
+                self._lines.pop(line.job_id, None)
+
+    @staticmethod
+    async def _pause(line: _Line, seconds: float) -> None:
+        """Sleep until `seconds` pass or the line changes (`close` counts as a change)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(line.changed.wait(), seconds)
+
+    async def _post(self, line: _Line) -> None:
+        assert line.wanted is not None
+        wanted = line.wanted
+        place = line.place
+        try:
+            message = await self.sender.send_text(
+                place.chat_id,
+                wanted[0],
+                thread_id=place.thread_id,
+                reply_to=place.reply_to,
+                buttons=wanted[1],
+            )
+        except (Forbidden, BadRequest) as exc:
+            log.info("job=%s: status message refused: %s", line.job_id, exc.message)
+            line.dead = True
+            return
+        except TelegramError as exc:
+            line.failures += 1
+            log.info("job=%s: status message not sent (%s)", line.job_id, exc.message)
+            line.dead = line.failures >= GIVE_UP_AFTER
+            line.last = self.clock()
+            await self._pause(line, self.edit_interval)
+            return
+        line.message_id = message.message_id
+        line.place = Place(message.chat_id, place.thread_id, place.reply_to)
+        line.shown = wanted
+        line.last = self.clock()
+        try:
+            await self.attach(line.job_id, str(message.message_id))
+        except Exception:
+            log.warning("job=%s: status message id not recorded", line.job_id, exc_info=True)
+
+    async def _edit(self, line: _Line) -> None:
+        assert line.wanted is not None and line.message_id is not None
+        wanted = line.wanted
+        line.last = self.clock()
+        try:
+            await self.sender.edit_text(
+                line.place.chat_id,
+                line.message_id,
+                wanted[0],
+                wanted[1],
+                essential=not line.droppable,
+            )
+        except RetryAfter as exc:
+            line.last = self.clock() + retry_seconds(exc)  # a newer text may replace this one
+            return
+        except Forbidden:
+            line.dead = True
+            return
+        except BadRequest as exc:
+            if "not found" in exc.message.lower() or "can't be edited" in exc.message.lower():
+                line.message_id = None  # deleted by someone: post a new one if it still matters
+                line.shown = None
+                if line.droppable:
+                    line.wanted = None
+                return
+            log.info("job=%s: status edit refused: %s", line.job_id, exc.message)
+        except TelegramError as exc:
+            line.failures += 1
+            log.info("job=%s: status edit failed: %s", line.job_id, exc.message)
+            if line.failures < GIVE_UP_AFTER:
+                return
+        line.failures = 0
+        line.shown = wanted
+
+    # ---- replies --------------------------------------------------------------------------
+
+    def reply(self, place: Place, text: str, lang: str, user: str | None = None) -> None:
+        """Answer at once; answers to one user that pile up while one is sent go out together."""
+        key = (place.chat_id, place.thread_id, user)
+        box = self._outboxes.get(key)
+        if box is None:
+            box = self._outboxes[key] = _Outbox()
+        box.pending.append((text, place.reply_to))
+        if box.task is None:
+            box.task = self._spawn(self._send_replies(key, box, place.thread_id, lang))
+
+    async def _send_replies(
+        self, key: tuple[int, int | None, str | None], box: _Outbox, thread: int | None, lang: str
+    ) -> None:
+        try:
+            while box.pending:
+                batch, box.pending = box.pending, []
+                counts: dict[str, int] = {}
+                for text, _ in batch:
+                    counts[text] = counts.get(text, 0) + 1
+                parts = [
+                    text if n == 1 else t(lang, "notice.repeated", text=text, count=n)
+                    for text, n in counts.items()
+                ]
+                try:
+                    await self.sender.send_text(
+                        key[0], fit_text("\n\n".join(parts)), thread_id=thread, reply_to=batch[0][1]
+                    )
+                except TelegramError as exc:
+                    log.info("reply to chat %s not sent: %s", key[0], exc.message)
+        finally:
+            box.task = None
+            if not box.pending:
+                self._outboxes.pop(key, None)
+
+    # ---- chat action ----------------------------------------------------------------------
+
+    def typing(self, job_id: str, place: Place) -> None:
+        """Show `upload_photo` in the chat while the job generates."""
+        key = (place.chat_id, place.thread_id)
+        jobs = self._typing.setdefault(key, set())
+        jobs.add(job_id)
+        self._typing_keys[job_id] = key
+        if key not in self._typing_tasks:
+            self._typing_tasks[key] = self._spawn(self._heartbeat(key, jobs))
+
+    def stop_typing(self, job_id: str) -> None:
+        key = self._typing_keys.pop(job_id, None)
+        if key is not None:
+            self._typing.get(key, set()).discard(job_id)
+
+    async def _heartbeat(self, key: tuple[int, int | None], jobs: set[str]) -> None:
+        try:
+            while jobs:
+                if self.sender.has_room(key[0]):
+                    with contextlib.suppress(TelegramError):
+                        await self.sender.chat_action(key[0], key[1])
+                await asyncio.sleep(self.action_interval)
+        finally:
+            self._typing_tasks.pop(key, None)
+            if not jobs:
+                self._typing.pop(key, None)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self, grace: float = 2.0) -> None:
+        """Let pending posts and final edits go out for `grace` seconds, then stop.
+
+        Progress edits are dropped at once; "done" and failure edits go without waiting for the
+        chat's budget or the edit interval.
+        """
+        self._closing = True
+        for line in self._lines.values():
+            line.changed.set()
+        self._typing.clear()
+        for task in list(self._typing_tasks.values()):
+            task.cancel()
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
