@@ -15,12 +15,18 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from bot import __version__
 from bot.errors import DrawbridgeError, SettingsError, UserError
 from bot.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from aiohttp import web
+
+    from adapters.telegram_adapter import TelegramAdapter
     from bot.app import Core, Service
     from bot.http import HttpServer
 
@@ -115,15 +121,20 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
     with _exclusive(settings.data_dir):
         async with open_core(settings) as core:
             services: list[Service] = []
-            http = await _http_server(core, settings, required=bool(platforms))
-            if http is not None:
-                services.append(http)  # first in, last out: webhooks work until the end
+            http = None
+            if settings.http_port:
+                from bot.http import HttpServer
+
+                http = HttpServer(core, settings.http_host, settings.http_port)
+            adapters = _platform_adapters(core, settings, http)  # may add webhook routes
+            if http is not None and await _listen(http, settings, required=bool(platforms)):
+                services.append(_Opened(http))  # first in, last out: webhooks work to the end
             console_adapter = None
             if console:
                 lang = pick_lang(os.environ.get("LANG", "").split(".")[0].replace("_", "-"))
                 console_adapter = ConsoleAdapter(core.engine, lang=lang)
                 services.append(console_adapter)
-            services.extend(_platform_adapters(core, settings))
+            services.extend(adapters)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,9 +154,41 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
     return 0
 
 
-def _platform_adapters(core: Core, settings: Settings) -> list[Service]:
+def telegram_webhook(adapter: TelegramAdapter) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The route Telegram POSTs updates to, checking the secret header it was given."""
+
+    async def handle(request: web.Request) -> web.Response:
+        if not adapter.webhook_secret_ok(request.headers.get("X-Telegram-Bot-Api-Secret-Token")):
+            return web.Response(status=403)
+        try:
+            payload = await request.json()
+        except ValueError:
+            return web.Response(status=400)
+        await adapter.process_webhook_update(payload)
+        return web.Response(status=200)
+
+    return handle
+
+
+def _platform_adapters(core: Core, settings: Settings, http: HttpServer | None) -> list[Service]:
     """Every platform whose token is set; the libraries are imported only when used."""
     adapters: list[Service] = []
+    if settings.telegram_bot_token is not None:
+        from adapters.telegram_adapter import TelegramAdapter
+
+        secret = settings.telegram_webhook_secret
+        telegram = TelegramAdapter(
+            core.engine,
+            settings.telegram_bot_token.get_secret_value(),
+            settings.telegram_api_url,
+            webhook_url=settings.telegram_webhook_url,
+            webhook_secret=secret.get_secret_value() if secret else None,
+        )
+        if http is not None and settings.telegram_webhook_url:
+            http.add_post(
+                urlsplit(settings.telegram_webhook_url).path or "/", telegram_webhook(telegram)
+            )
+        adapters.append(telegram)
     if settings.discord_bot_token is not None:
         from adapters.discord_adapter import DiscordAdapter
 
@@ -161,13 +204,8 @@ def _platform_adapters(core: Core, settings: Settings) -> list[Service]:
     return adapters
 
 
-async def _http_server(core: Core, settings: Settings, *, required: bool) -> _Opened | None:
-    """The health/metrics/webhook server; in the console chat a busy port only warns."""
-    from bot.http import HttpServer
-
-    if settings.http_port == 0:
-        return None
-    server = HttpServer(core, settings.http_host, settings.http_port)
+async def _listen(server: HttpServer, settings: Settings, *, required: bool) -> bool:
+    """Open the health/metrics/webhook server now, to fail fast; in the console a busy port warns."""
     try:
         await server.open()
     except OSError as exc:
@@ -178,8 +216,8 @@ async def _http_server(core: Core, settings: Settings, *, required: bool) -> _Op
                 f"({exc.strerror}); set another port, or 0 for none"
             ) from None
         log.warning("no HTTP server: %s:%d is busy", settings.http_host, settings.http_port)
-        return None
-    return _Opened(server)
+        return False
+    return True
 
 
 class _Opened:

@@ -92,3 +92,34 @@ async def test_discord_imagine_end_to_end(tmp_path: Path) -> None:
         ]
     finally:
         await fake.close()
+
+
+async def test_telegram_imagine_end_to_end_in_a_forum_topic(tmp_path: Path) -> None:
+    from tests.fake_grsai import FakeGrsai
+    from tests.fake_telegram import FakeTelegram
+
+    async with (
+        FakeTelegram(token="7654321:AAH-real-looking-telegram-token") as tg,
+        FakeGrsai() as grsai,
+    ):
+        async with drawbridge(
+            tmp_path,
+            TELEGRAM_BOT_TOKEN=tg.token,
+            TELEGRAM_API_URL=tg.url,
+            GRSAI_API_KEY=grsai.api_key,
+            GRSAI_BASE_URL=grsai.base_url,
+            LOG_LEVEL="DEBUG",
+        ) as proc:
+            await tg.wait_for("setMyCommands", within=20)
+            group = tg.chat(-100123, kind="supergroup", forum=True)
+            tg.message("/imagine a lighthouse at dusk --ar 16:9", chat=group, thread_id=7)
+            (photo,) = await tg.wait_for("sendPhoto", within=20)
+            assert photo.chat_id == -100123
+            assert str(photo.params.get("message_thread_id")) == "7"
+            assert await proc.stop() == 0
+            logs = proc.stderr.decode()
+        assert tg.token not in logs and grsai.api_key not in logs
+        assert grsai.submits == 1
+        assert rows(
+            tmp_path, "SELECT platform, chat_id, thread_id, status, model, cost_usd FROM jobs"
+        ) == [("telegram", "-100123", "7", "succeeded", "nano-banana", 0.04)]
