@@ -49,7 +49,7 @@ from bot.operator import Operator, scope_of
 from bot.providers.base import GenerationRequest, Provider
 from bot.providers.retry import hinted_wait, provider_retrying
 from bot.quota import Limits, Quotas
-from bot.routing import FAILOVER_KINDS, BreakerState, Route, Router
+from bot.routing import FAILOVER_KINDS, BreakerState, CircuitOpen, Route, Router
 from bot.stats import usage_csv
 from bot.store import Store, insert_job_op
 from bot.texts import t
@@ -707,14 +707,16 @@ class Engine:
         if not routes:
             raise BadRequest(f"no configured provider serves {spec.name}")
         last: ProviderError | None = None
-        for route in routes:
+        for i, route in enumerate(routes):
             if route.provider.name != job.provider:
                 log.warning(
                     "job=%s failing over from %s to %s", job.id, job.provider, route.provider.name
                 )
                 job = await self._switch_provider(job, route.provider.name, hooks)
             try:
-                return await self._attempts(job, route, refs, hooks), route.spec
+                return await self._attempts(
+                    job, route, refs, hooks, i == len(routes) - 1
+                ), route.spec
             except ProviderError as exc:
                 if exc.kind not in FAILOVER_KINDS:
                     raise
@@ -723,8 +725,9 @@ class Engine:
         raise last
 
     async def _attempts(
-        self, job: Job, route: Route, refs: tuple[bytes, ...], hooks: _Hooks
+        self, job: Job, route: Route, refs: tuple[bytes, ...], hooks: _Hooks, last_route: bool
     ) -> list[GeneratedImage]:
+        """The retry policy on one route; an open breaker moves on at once unless it is the last."""
         spec = route.spec
 
         def request() -> GenerationRequest:
@@ -749,13 +752,23 @@ class Engine:
         except ProviderError as exc:
             if not exc.retryable or self.config.retry_attempts <= 1:
                 raise
+            if isinstance(exc, CircuitOpen) and not last_route:
+                raise
             initial = self.config.retry_initial
             await asyncio.sleep(hinted_wait(exc, initial + random.uniform(0, initial), 120.0))
-        async for attempt in provider_retrying(
-            self.config.retry_attempts - 1, self.config.retry_initial * 2
-        ):
-            with attempt:
-                return await self.router.call(route, request(), hooks)
+        try:
+            async for attempt in provider_retrying(
+                self.config.retry_attempts - 1, self.config.retry_initial * 2
+            ):
+                with attempt:
+                    try:
+                        return await self.router.call(route, request(), hooks)
+                    except CircuitOpen as exc:
+                        if last_route:
+                            raise  # retried: waits for the breaker's probe
+                        raise _MoveOn(exc) from None  # not retryable: on to the next route
+        except _MoveOn as move:
+            raise move.error from None
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     async def _switch_provider(self, job: Job, provider: str, hooks: _Hooks) -> Job:
@@ -937,6 +950,14 @@ class Engine:
         if job is None or (str(job.user) != key and not admin):
             raise JobNotFound(job=job_id)
         return job
+
+
+class _MoveOn(Exception):
+    """Leave this route now (its breaker opened): another one can serve the job."""
+
+    def __init__(self, error: ProviderError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Hooks:

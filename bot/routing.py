@@ -40,9 +40,11 @@ FAILOVER_KINDS = {
 
 
 class CircuitOpen(Transient):
-    """The provider's breaker is open: skip it without calling."""
+    """The provider's breaker is open: skip it without calling.
 
-    retryable = False
+    `retry_after` says when it lets a probe through: a job with no other route waits for
+    that (within its stage timeout) instead of failing at once.
+    """
 
 
 class BreakerState(StrEnum):
@@ -71,6 +73,12 @@ class Breaker:
         self.opened_at = 0.0
         self._state = BreakerState.CLOSED
         self._probing = False
+
+    def reopens_in(self) -> float:
+        """Seconds until an open breaker lets a probe through (0 when it would now)."""
+        if self._state is not BreakerState.OPEN:
+            return 0.0
+        return max(0.0, self.cooldown - (self.clock() - self.opened_at))
 
     @property
     def state(self) -> BreakerState:
@@ -209,7 +217,10 @@ class Router:
     ) -> list[GeneratedImage]:
         name = route.provider.name
         if not breaker.allow():
-            raise CircuitOpen(f"provider {name} is failing; its breaker is open")
+            raise CircuitOpen(
+                f"provider {name} is failing; its breaker is open",
+                retry_after=max(0.05, breaker.reopens_in()),
+            )
         try:
             images = await route.provider.generate(request, hooks)
         except asyncio.CancelledError:

@@ -37,7 +37,9 @@ from aiohttp import web
 from PIL import Image
 
 Outcome = Literal["succeeded", "input_moderation", "output_moderation", "error"]
-FaultKind = Literal["http", "hang", "truncated", "html", "empty", "break_after_id", "bad_line"]
+FaultKind = Literal[
+    "none", "http", "hang", "truncated", "html", "empty", "break_after_id", "bad_line"
+]
 
 BASE_RATIOS = ("auto", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "5:4", "4:5", "21:9")
 WIDE_RATIOS = (*BASE_RATIOS, "1:4", "4:1", "1:8", "8:1")
@@ -274,6 +276,8 @@ class FakeGrsai:
         if not faults or faults[0].kind in ("break_after_id", "bad_line"):
             return None
         fault = faults.pop(0)
+        if fault.kind == "none":  # a slot in a random fault sequence where all goes well
+            return None
         if fault.kind == "hang":
             await self._closing.wait()
             return web.Response(status=503)
