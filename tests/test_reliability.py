@@ -64,7 +64,19 @@ async def test_kill_9_mid_flight_then_restart_delivers_every_job_exactly_once(
                     )
                     return done[0][0] == 20
 
-                await discord.wait_for(finished, within=40)
+                try:
+                    async with asyncio.timeout(40):  # the database, not the fake, says when
+                        while not finished():
+                            await asyncio.sleep(0.05)
+                except TimeoutError:
+                    state = rows(
+                        tmp_path,
+                        "SELECT status, error, delivered_at IS NOT NULL, delivery_attempts "
+                        "FROM jobs",
+                    )
+                    raise AssertionError(
+                        f"not all delivered: {state}\n{second.stderr[-3000:]!r}"
+                    ) from None
                 assert await second.stop() == 0
             statuses = rows(tmp_path, "SELECT status, count(*) FROM jobs GROUP BY status")
             assert statuses == [("succeeded", 20)]
