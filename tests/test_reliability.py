@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from pathlib import Path
@@ -66,7 +67,7 @@ async def test_kill_9_mid_flight_then_restart_delivers_every_job_exactly_once(
 
                 try:
                     async with asyncio.timeout(40):  # the database, not the fake, says when
-                        while not finished():
+                        while not finished():  # noqa: ASYNC110 - polling another process's db
                             await asyncio.sleep(0.05)
                 except TimeoutError:
                     state = rows(
