@@ -25,7 +25,6 @@ MAX_BATCH_UNITS = 512
 class _Unit:
     ops: Sequence[Op]
     done: asyncio.Future[None]
-    before: Callable[[], None] | None = None  # runs on the writer thread before the commit
 
 
 class GroupWriter:
@@ -76,16 +75,11 @@ class GroupWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="db-writer")
 
-    async def run(self, *ops: Op, before: Callable[[], None] | None = None) -> None:
-        """Commit `ops` as one atomic unit, or raise the database's error.
-
-        `before` (say, writing image files) runs on the writer thread first; if it raises, the
-        unit's statements are not run and the error is raised here. It saves a thread hop, and
-        it orders the work: the files exist before the rows that point at them.
-        """
+    async def run(self, *ops: Op) -> None:
+        """Commit `ops` as one atomic unit, or raise the database's error."""
         if self._task is None or self._task.done():
             raise RuntimeError("database writer is not running")
-        unit = _Unit(ops, asyncio.get_running_loop().create_future(), before)
+        unit = _Unit(ops, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(unit)
         await unit.done
 
@@ -137,45 +131,23 @@ class GroupWriter:
             await self._write(batch)
 
     async def _write(self, batch: list[_Unit]) -> None:
-        prelude_failed, committed = await self.call(partial(_run_batch, units=batch))
-        for unit, exc in prelude_failed.items():
-            _settle(unit, exc)
-        if committed:
+        try:
+            await self.call(partial(_transaction, ops=[op for unit in batch for op in unit.ops]))
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0], exc)
+                return
+            # One bad unit must not fail its neighbours: retry each alone to find it.
+            for unit in batch:
+                try:
+                    await self.call(partial(_transaction, ops=unit.ops))
+                except Exception as one:
+                    _settle(unit, one)
+                else:
+                    _settle(unit, None)
+        else:
             for unit in batch:
                 _settle(unit, None)
-            return
-        # The batch's transaction failed: one bad unit must not fail its neighbours.
-        for unit in batch:
-            if unit.done.done():
-                continue
-            try:
-                await self.call(partial(_transaction, ops=unit.ops))
-            except Exception as one:
-                _settle(unit, one)
-            else:
-                _settle(unit, None)
-
-
-def _run_batch(
-    db: sqlite3.Connection, units: Sequence[_Unit]
-) -> tuple[dict[_Unit, Exception], bool]:
-    """Preludes, then one transaction for every unit whose prelude worked.
-
-    Returns the units whose prelude failed (never committed) and whether the rest committed.
-    """
-    failed: dict[_Unit, Exception] = {}
-    for unit in units:
-        if unit.before is not None:
-            try:
-                unit.before()
-            except Exception as exc:
-                failed[unit] = exc
-    ops = [op for unit in units if unit not in failed for op in unit.ops]
-    try:
-        _transaction(db, ops)
-    except Exception:
-        return failed, False
-    return failed, True
 
 
 def _transaction(db: sqlite3.Connection, ops: Sequence[Op]) -> None:

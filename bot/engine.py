@@ -81,6 +81,7 @@ class EngineConfig:
     deliver_backoff: float = 1.0
     provider_concurrency: Mapping[str, int] = field(default_factory=dict)
     sweep_interval: float = 30.0
+    finishing_max: int = 0  # jobs storing/delivering at once beyond CONCURRENCY; 0 = auto
     result_cache_ttl: float = 0.0  # seconds; 0 = off
     image_retention_days: float = 30.0  # 0 = keep forever
 
@@ -158,6 +159,7 @@ class Engine:
         self._jobs: dict[str, Job] = {}  # queued or running, by id
         self._active_by_user: dict[str, int] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._slots: dict[str, str] = {}  # jobs generating now → the provider they count on
         self._running_by_provider: dict[str, int] = {}
         self._generating: set[str] = set()  # running jobs still in the (cancellable) generate stage
         self._cancelled: set[str] = set()
@@ -595,10 +597,15 @@ class Engine:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while len(self._running) < self.config.concurrency:
+            cfg = self.config
+            # Generating jobs take a slot; finished ones storing and delivering their result
+            # hold none but are bounded too, so a slow platform backs up the queue, not memory.
+            in_flight_max = cfg.concurrency + (cfg.finishing_max or max(64, 4 * cfg.concurrency))
+            while len(self._slots) < cfg.concurrency and len(self._running) < in_flight_max:
                 job = self._queue.pop(self._provider_has_room)
                 if job is None:
                     break
+                self._slots[job.id] = job.provider
                 self._running_by_provider[job.provider] = (
                     self._running_by_provider.get(job.provider, 0) + 1
                 )
@@ -606,11 +613,18 @@ class Engine:
                 self._running[job.id] = task
                 task.add_done_callback(functools.partial(self._job_done, job))
 
+    def _free_slot(self, job_id: str) -> None:
+        """The job stopped generating (or never started): its slot goes to the next one."""
+        provider = self._slots.pop(job_id, None)
+        if provider is not None:
+            self._running_by_provider[provider] -= 1
+            self._wake()
+
     def _job_done(self, job: Job, _task: asyncio.Task[None]) -> None:
         self._running.pop(job.id, None)
         self._generating.discard(job.id)
         self._cancelled.discard(job.id)
-        self._running_by_provider[job.provider] -= 1
+        self._free_slot(job.id)  # a task cancelled before it ran never freed its own
         self._wake()
         self._check_idle()
 
@@ -653,19 +667,25 @@ class Engine:
         self.metrics.queue_seconds.observe(max(0.0, began - job.created_at))
         self._generating.add(job.id)
         try:
-            # Not awaited: a restart requeues a running job anyway, and the unit still commits
-            # before the job's outcome, which is queued after it.
-            self.store.post(
-                (
-                    "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 "
-                    "WHERE id = ?",
-                    (began, job.id),
+            try:
+                # Not awaited: a restart requeues a running job anyway, and the unit still
+                # commits before the job's outcome, which is queued after it.
+                self.store.post(
+                    (
+                        "UPDATE jobs SET status = 'running', started_at = ?, "
+                        "attempts = attempts + 1 WHERE id = ?",
+                        (began, job.id),
+                    )
                 )
-            )
-            await self._emit(job, StatusKind.STARTED, "status.started", model=job.model)
-            timeout = min(spec.timeout_s, self.config.generate_timeout)
-            async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
-                images, served = await self._generate(job, spec)
+                await self._emit(job, StatusKind.STARTED, "status.started", model=job.model)
+                timeout = min(spec.timeout_s, self.config.generate_timeout)
+                async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+                    images, served = await self._generate(job, spec)
+            finally:
+                # CONCURRENCY counts jobs generating: storing and delivering the result (or the
+                # failure) happens outside the slot, so the next job starts now.
+                self._generating.discard(job.id)
+                self._free_slot(job.id)
         except asyncio.CancelledError:
             if job.id in self._cancelled:
                 return  # cancel() records the outcome
@@ -681,8 +701,6 @@ class Engine:
             log.exception("job=%s failed unexpectedly", job.id)
             await self._finish(job, JobStatus.FAILED, ErrorKind.INTERNAL, type(exc).__name__)
             return
-        finally:
-            self._generating.discard(job.id)
         if not images:
             await self._finish(job, JobStatus.FAILED, ErrorKind.TRANSIENT, "no image returned")
             return
@@ -983,6 +1001,6 @@ class _Hooks:
         job = engine.active_job(self._job.id)
         if job is not None:
             engine._jobs[job.id] = replace(job, task_id=task_id)
-        await engine.store.write(
-            ("UPDATE jobs SET task_id = ? WHERE id = ?", (task_id, self._job.id))
-        )
+        # Queued for the very next commit, but not waited for: the provider goes on streaming
+        # meanwhile, and the job's outcome (queued after it) can never overtake it.
+        engine.store.post(("UPDATE jobs SET task_id = ? WHERE id = ?", (task_id, self._job.id)))

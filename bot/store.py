@@ -8,8 +8,8 @@ import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -66,6 +66,7 @@ class Store:
         self.refs_dir = data_dir / "refs"
         self._rdb = reader_db
         self._writer = writer
+        self._files = ThreadPoolExecutor(max_workers=6, thread_name_prefix="image-files")
 
     @classmethod
     async def open(cls, data_dir: Path) -> Store:
@@ -102,6 +103,7 @@ class Store:
                 await self._rdb.close()
             finally:
                 await self._writer.close()
+                self._files.shutdown(wait=True)
 
     async def __aenter__(self) -> Store:
         return self
@@ -140,12 +142,15 @@ class Store:
     async def save_images(
         self, job_id: str, images: Sequence[GeneratedImage], *ops: Op
     ) -> list[StoredImage]:
-        """Write the image files, then commit their rows with `ops`, in one writer round trip.
+        """Write the image files, then commit their rows together with `ops`.
 
-        The files are written on the writer thread just before the transaction, so a row never
-        points at a file that is not whole; a disk error fails this unit alone.
+        Files first, so a row never points at a file that is not whole. They are written on a
+        small pool of their own: creating files is disk-bound (slow on some file systems), and
+        side by side it neither waits behind nor holds up the database writer's commits.
         """
-        folder = self.images_dir / job_id[:2]
+        # 32 folders: enough to keep each small, few enough that creating files stays cheap
+        # (a new file in one of a thousand cold folders costs the disk far more).
+        folder = self.images_dir / job_id[:1]
         stored = [
             StoredImage(
                 job_id=job_id,
@@ -159,7 +164,8 @@ class Store:
             for i, img in enumerate(images)
         ]
         files = [(s.path, img.data) for s, img in zip(stored, images, strict=True)]
-        await self._writer.run(*self.image_ops(stored), *ops, before=partial(_write_files, files))
+        await asyncio.get_running_loop().run_in_executor(self._files, _write_files, files)
+        await self._writer.run(*self.image_ops(stored), *ops)
         return stored
 
     def image_ops(self, images: Iterable[StoredImage]) -> list[Op]:

@@ -43,14 +43,21 @@ class DemoProvider:
             raise Transient("the demo model plays a provider outage")
         if "[demo:hang]" in prompt:
             await asyncio.Event().wait()
-        if self.latency > 0:
-            if request.task_id is None:
-                await hooks.task_submitted(f"demo-{request.job_id}")
+        if self.latency <= 0:
+            return await asyncio.to_thread(render_all, request)
+        if request.task_id is None:
+            await hooks.task_submitted(f"demo-{request.job_id}")
+        # The picture is drawn while the "API" works, so a job takes `latency` in all, the way
+        # a real provider's latency includes its own rendering.
+        images = asyncio.ensure_future(asyncio.to_thread(render_all, request))
+        try:
             for step in range(1, self.steps + 1):
                 await asyncio.sleep(self.latency / self.steps)
                 if step < self.steps:
                     await hooks.progress(100 * step // self.steps)
-        return await asyncio.to_thread(render_all, request)
+            return await images
+        finally:
+            images.cancel()
 
     async def aclose(self) -> None:
         return None
