@@ -123,3 +123,39 @@ async def test_telegram_imagine_end_to_end_in_a_forum_topic(tmp_path: Path) -> N
         assert rows(
             tmp_path, "SELECT platform, chat_id, thread_id, status, model, cost_usd FROM jobs"
         ) == [("telegram", "-100123", "7", "succeeded", "nano-banana", 0.04)]
+
+
+async def test_one_process_serves_telegram_and_discord_with_one_queue_and_ledger(
+    tmp_path: Path,
+) -> None:
+    from tests.fake_discord import FakeDiscord
+    from tests.fake_telegram import FakeTelegram
+
+    discord = FakeDiscord()
+    await discord.start()
+    try:
+        async with (
+            FakeTelegram() as tg,
+            drawbridge(
+                tmp_path,
+                TELEGRAM_BOT_TOKEN=tg.token,
+                TELEGRAM_API_URL=tg.url,
+                DISCORD_BOT_TOKEN=discord.token,
+                DISCORD_API_URL=discord.api_url,
+                DISCORD_GATEWAY_URL=discord.gateway_url,
+                QUOTA_USER_DAILY_IMAGES="5",
+            ) as proc,
+        ):
+            await tg.wait_for("setMyCommands", within=20)
+            await discord.wait_identified(within=20)
+            tg.message("/imagine a fox in the snow")
+            inter = await discord.slash("imagine", {"prompt": "a fox in the rain"})
+            await tg.wait_for("sendPhoto", within=20)
+            await discord.wait_for(lambda: discord.followups(inter.token), within=20)
+            assert await proc.stop() == 0
+        ledger = rows(tmp_path, "SELECT platform, status FROM jobs ORDER BY platform")
+        assert ledger == [("discord", "succeeded"), ("telegram", "succeeded")]
+        usage = rows(tmp_path, "SELECT count(DISTINCT day) FROM jobs")
+        assert usage == [(1,)]
+    finally:
+        await discord.close()
