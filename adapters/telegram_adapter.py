@@ -41,7 +41,7 @@ from adapters.telegram_send import Buttons, Sender, place_of
 from adapters.telegram_status import ChatStatus
 from bot.adapter import StatusKind, StatusUpdate
 from bot.chat import Chat
-from bot.commands import parse_prompt
+from bot.commands import escape_html, parse_prompt
 from bot.engine import Engine
 from bot.errors import SettingsError, UserError
 from bot.jobs import Job, StoredImage, Target, UserRef
@@ -241,7 +241,18 @@ class TelegramAdapter:
                 reply = await self.chat.handle(
                     user, target, ask.text, lang=lang, private=private, bot_username=bot.username
                 )
-                if reply is not None:
+                if reply is not None and reply.document is not None:  # /export
+                    name, data = reply.document
+                    await self.sender.send_file(
+                        "document",
+                        place.chat_id,
+                        data,
+                        name,
+                        caption=escape_html(reply.text),
+                        thread_id=place.thread_id,
+                        reply_to=place.reply_to,
+                    )
+                elif reply is not None:
                     self.board.reply(place, reply.text, lang, str(user))
             else:
                 await self._imagine(msg, user, target, ask.text, lang)

@@ -16,13 +16,13 @@ from telegram import Bot, Message
 from telegram.constants import ChatType, MessageEntityType
 from telegram.error import TelegramError
 
-from bot.chat import COMMANDS
+from bot.chat import ADMIN_COMMANDS, COMMANDS, USER_COMMANDS
 from bot.commands import ALIASES, parse_command
 from bot.errors import InvalidRequest
 
 log = logging.getLogger("drawbridge.telegram")
 
-KNOWN_COMMANDS = frozenset(COMMANDS) | frozenset(ALIASES)
+KNOWN_COMMANDS = frozenset((*COMMANDS, *USER_COMMANDS, *ADMIN_COMMANDS, *ALIASES))
 
 
 class AskKind(StrEnum):
