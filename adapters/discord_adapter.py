@@ -141,6 +141,10 @@ class DiscordAdapter:
         """New commands are answered "restarting"; deliveries and status edits go on."""
         self._accepting = False
 
+    def healthy(self) -> bool:
+        """For /healthz: connected to the gateway and ready."""
+        return self.client is not None and self.client.is_ready() and not self.client.is_closed()
+
     async def close(self) -> None:
         await self.outbox.close()
         if self.client is not None:

@@ -148,6 +148,12 @@ class TelegramAdapter:
             "webhook" if self.webhook_url else "polling",
         )
 
+    def healthy(self) -> bool:
+        """For /healthz: taking updates (polling, or the webhook route is live)."""
+        if not self.app.running:
+            return False
+        return bool(self.webhook_url) or bool(self.app.updater and self.app.updater.running)
+
     async def stop_intake(self) -> None:
         if self.app.updater is not None and self.app.updater.running:
             await self.app.updater.stop()

@@ -127,6 +127,11 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
 
                 http = HttpServer(core, settings.http_host, settings.http_port)
             adapters = _platform_adapters(core, settings, http)  # may add webhook routes
+            if http is not None:
+                for adapter in adapters:
+                    check = getattr(adapter, "healthy", None)
+                    if callable(check):
+                        http.health_checks[type(adapter).__name__] = check
             if http is not None and await _listen(http, settings, required=bool(platforms)):
                 services.append(_Opened(http))  # first in, last out: webhooks work to the end
             console_adapter = None

@@ -665,6 +665,7 @@ class Engine:
         job = replace(self._jobs.get(job.id, job), status=JobStatus.RUNNING, started_at=began)
         self._jobs[job.id] = job
         self.metrics.queue_seconds.observe(max(0.0, began - job.created_at))
+        log.info("▶ job=%s started on %s after %.1fs", job.id, job.provider, began - job.created_at)
         self._generating.add(job.id)
         try:
             try:
@@ -879,6 +880,7 @@ class Engine:
                     )
                 )
                 self.metrics.deliveries.labels(job.target.platform, "ok").inc()
+                log.info("✓ job=%s delivered to %s as %s", job.id, job.target.platform, ref)
                 self.metrics.total_seconds.observe(max(0.0, now - job.created_at))
                 return
 

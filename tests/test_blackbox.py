@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from tests.fake_discord import GUILD_ID, FakeDiscord
 
@@ -54,6 +58,27 @@ async def drawbridge(tmp_path: Path, **env: str) -> AsyncIterator[Process]:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def healthz(port: int) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):  # the server may still be starting
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    body = await resp.json()
+                    if body.get("ok"):
+                        return body
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    return body
 
 
 def rows(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
