@@ -90,3 +90,42 @@ def test_the_parser_never_crashes(text: str) -> None:
 def test_parse_command_never_crashes(text: str) -> None:
     cmd = parse_command(text, "drawbot")
     assert cmd is None or cmd.name == cmd.name.lower()
+
+
+@given(
+    prompt=st.text(max_size=60),
+    ratio=st.one_of(st.none(), st.sampled_from(["1:1", "16:9", "9:16", "99:1", "4:3"])),
+    n=st.integers(min_value=-2, max_value=12),
+    size=st.one_of(st.none(), st.sampled_from(["1K", "4k", "2K", "huge"])),
+    seed=st.one_of(st.none(), st.integers(min_value=-5, max_value=2**33)),
+    model=st.one_of(st.none(), st.sampled_from(["paid", "demo", "nope", "PAID"])),
+)
+def test_validation_never_crashes_and_never_passes_what_a_model_refuses(
+    prompt: str, ratio: str | None, n: int, size: str | None, seed: int | None, model: str | None
+) -> None:
+    from pathlib import Path
+    from tempfile import TemporaryDirectory
+
+    from bot.catalog import Catalog
+    from bot.jobs import Request, Target, UserRef
+    from bot.validate import validate_request
+    from tests.conftest import TEST_MODELS
+
+    with TemporaryDirectory() as tmp:
+        models = Path(tmp) / "models.toml"
+        models.write_text(TEST_MODELS)
+        catalog = Catalog.load(models)
+    request = Request(
+        UserRef("t", "u"), Target("t", chat_id="c"), prompt,
+        Options(aspect_ratio=ratio, n=n, size=size, seed=seed), model=model,
+    )  # fmt: skip
+    try:
+        spec, clean, options = validate_request(request, catalog, "demo", lambda s: True, 50)
+    except InvalidRequest as exc:
+        assert exc.key.startswith("error.")
+    else:
+        assert clean and len(clean) <= 50 and clean == " ".join(clean.split())
+        assert options.aspect_ratio in spec.aspect_ratios
+        assert 1 <= options.n <= spec.max_images
+        assert options.size is None or options.size in spec.sizes
+        assert options.seed is None or 0 <= options.seed < 2**32

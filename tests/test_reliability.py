@@ -223,3 +223,46 @@ async def test_a_full_disk_is_a_clear_error_and_recovers(tmp_path: Path) -> None
     finally:
         await engine.close()
         await store.close()
+
+
+async def test_a_telegram_flood_storm_loses_no_message(tmp_path: Path) -> None:
+    """429 on every third call the bot makes: slower, but every result and answer arrives."""
+    from tests.conftest import Clock, Harness
+    from tests.fake_telegram import FakeTelegram
+    from tests.fakes import ScriptedProvider
+    from tests.test_telegram import Rig
+
+    models = tmp_path / "models.toml"
+    models.write_text("")
+    harness = Harness(
+        data_dir=tmp_path / "data",
+        catalog=Catalog.load(models),
+        clock=Clock(),
+        adapter=RecordingAdapter(platform="unused"),
+        provider=ScriptedProvider(),
+        opened=[],
+    )
+    async with FakeTelegram() as tg:
+        tg.fail(None, 429, retry_after=1, every=3)
+        rig = Rig(harness, tg)
+        await rig.start(max_pending_per_user=9)
+        try:
+            for i in range(6):
+                user = tg.user(500 + i, name=f"user{i}")
+                tg.message(f"/imagine storm picture {i}", user=user, chat=tg.chat(500 + i))
+            tg.message("/usage", user=tg.user(600), chat=tg.chat(600))
+            photos = await tg.wait_for("sendPhoto", count=6, within=40)
+            await tg.wait_text("Today:", within=20)
+            await rig.idle()
+            assert sorted(c.chat_id for c in photos) == [500 + i for i in range(6)]
+            floods = [c for c in tg.calls if c.error is not None and c.error.code == 429]
+            assert len(floods) >= 3  # the storm really hit
+        finally:
+            for engine, adapter in reversed(list(rig.running)):
+                await rig.stop(engine, adapter)
+            for _, store in reversed(harness.opened):
+                await store.close()
+    with sqlite3.connect(tmp_path / "data" / "drawbridge.db") as db:
+        assert db.execute(
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded' AND delivered_at IS NOT NULL"
+        ).fetchone() == (6,)
