@@ -192,3 +192,23 @@ async def test_old_images_are_deleted_and_show_says_so(harness: Harness) -> None
         await asyncio.sleep(0.01)
     assert not images[0].path.exists()
     assert "no stored images" in await say(chat, ALICE, f"/show {reply.ticket.job_id}")
+
+
+async def test_allowed_ids_restrict_the_bot_to_listed_users_chats_and_guilds(
+    harness: Harness,
+) -> None:
+    engine = await harness.engine(
+        allowed_ids=frozenset({"test:alice", "test-chat:team", "discord-guild:g1"}),
+        admin_ids=frozenset({"test:boss"}),
+        max_pending_per_user=9,
+    )
+    chat = Chat(engine)
+    mallory = UserRef("test", "mallory")
+    assert "Queued" in await say(chat, ALICE, "/imagine a fox", Target("test", chat_id="anywhere"))
+    assert "not open to you" in await say(
+        chat, mallory, "/imagine a fox", Target("test", chat_id="x")
+    )
+    assert "Queued" in await say(chat, mallory, "/imagine a fox", Target("test", chat_id="team"))
+    guild = Target("discord", chat_id="chan", guild_id="g1")
+    assert "Queued" in await say(chat, UserRef("discord", "9"), "/imagine a fox", guild)
+    assert "Queued" in await say(chat, ADMIN, "/imagine a fox", Target("test", chat_id="y"))
