@@ -8,6 +8,7 @@ import functools
 import hashlib
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from bot.errors import (
     ProviderError,
     QueueFull,
     ShuttingDown,
+    StorageUnavailable,
     TooManyPending,
     UserError,
 )
@@ -259,10 +261,15 @@ class Engine:
                 job = replace(job, reference_paths=paths)
                 self._jobs[job.id] = job
             await self.store.insert_job(job)
-        except BaseException:
+        except BaseException as exc:
             self._unhold(job)
             self.quotas.release(account, day, options.n, cost)
             self.quotas.release_scope(scope, day, options.n)
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                # Full disk, read-only database…: nothing was written; the user hears it plainly
+                # and the operator gets the cause.
+                log.error("cannot store a new job: %s", exc)
+                raise StorageUnavailable() from exc
             raise
         self._queue.push(job)
         self._wake()

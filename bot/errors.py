@@ -60,6 +60,12 @@ class Blocked(UserError):
     key = "error.blocked"
 
 
+class StorageUnavailable(UserError):
+    """The database or the disk refused a new job (full, read-only): nothing was queued."""
+
+    key = "error.storage"
+
+
 class QueueFull(UserError):
     key = "error.queue_full"
 

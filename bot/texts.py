@@ -176,6 +176,7 @@ EN: dict[str, str] = {
     "alert.auth": "🔑 The {provider} API rejected drawbridge's key. Jobs on it fail (users are not charged) until the key is fixed.",
     "alert.breaker": "⚡ {provider} keeps failing: drawbridge stopped calling it for a while (fallbacks serve where configured).",
     "status.cached": "♻️ Made before: here it is again, free · job {job}",
+    "error.storage": "The bot cannot save new requests right now. Nothing was charged; please try again later.",
     "console.welcome": (
         "drawbridge console · model {model} · type /help, or /quit to leave.\n"
         "Try: /imagine a lighthouse --n 2 --ar 16:9"
@@ -329,6 +330,7 @@ ZH: dict[str, str] = {
     "alert.auth": "🔑 {provider} 的 API 拒绝了 drawbridge 的密钥。修复前该服务的任务都会失败（不向用户扣费）。",
     "alert.breaker": "⚡ {provider} 持续失败：drawbridge 暂停调用它一段时间（已配置的备用服务会接手）。",
     "status.cached": "♻️ 之前生成过：再次发送，免费 · 任务 {job}",
+    "error.storage": "机器人暂时无法保存新的请求。未扣费，请稍后再试。",
     "console.welcome": (
         "drawbridge 控制台 · 模型 {model} · 输入 /help，或 /quit 退出。\n"
         "试试：/imagine 灯塔 --n 2 --ar 16:9"

@@ -167,7 +167,8 @@ async def test_fault_soak_every_job_ends_with_a_message(tmp_path: Path) -> None:
 
 async def test_a_full_disk_is_a_clear_error_and_recovers(tmp_path: Path) -> None:
     """SQLite's page limit plays a full disk: writes fail cleanly, nothing half-written."""
-    from bot.errors import UserError  # noqa: F401  (submit errors are platform-facing)
+    from bot.errors import StorageUnavailable
+    from bot.texts import render_error
 
     store = await Store.open(tmp_path)
     provider_catalog = Catalog.load()
@@ -197,9 +198,10 @@ async def test_a_full_disk_is_a_clear_error_and_recovers(tmp_path: Path) -> None
                         Options(),
                     )
                 )
-            except Exception as exc:  # sqlite3.OperationalError: database or disk is full
+            except StorageUnavailable as exc:  # the user's answer; the log has the cause
                 failures += 1
-                assert "full" in str(exc)
+                assert "full" in str(exc.__cause__)
+                assert "cannot save new requests" in render_error("en", exc)
         assert failures > 0
         await engine.run_until_idle()
         await store._writer.call(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
