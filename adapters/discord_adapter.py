@@ -229,12 +229,16 @@ class DiscordAdapter:
             log.warning("discord: answer to interaction %s not shown (%s)", interaction.id, exc)
 
     async def _refuse(self, interaction: Inter, acked: int | None, text: str) -> None:
-        """Tell only the user why their /imagine was refused; the public placeholder goes."""
+        """Say why the /imagine was refused, in the deferred reply itself.
+
+        The reply was deferred publicly (the job's status lives there), and Discord cannot
+        make it private afterwards: a first "ephemeral" followup would only replace the
+        placeholder in public, and deleting the placeholder then would hide the answer.
+        """
         if acked is None:
             return
         try:
-            await interaction.followup.send(text[:2000], ephemeral=True)
-            await interaction.delete_original_response()
+            await interaction.edit_original_response(content=text[:2000])
         except discord.HTTPException as exc:
             log.warning("discord: refusal for interaction %s not shown (%s)", interaction.id, exc)
 

@@ -60,6 +60,7 @@ class Call:
     files: list[FilePart] = field(default_factory=list)
     status: int = 0
     at: float = 0.0
+    resolved_original: bool = False  # a first followup that became the deferred reply
 
     @property
     def payload(self) -> Any:
@@ -634,6 +635,14 @@ class FakeDiscord:
             if method != "POST":
                 raise HTTPError(405, 0, "405: Method Not Allowed")
             inter = self._live(m[1])
+            original = self.messages.get(inter.original_id or "")
+            if inter.ack_type == 5 and original is not None and original.get("flags", 0) & 128:
+                # Discord: a followup sent while the deferred reply still shows "thinking"
+                # resolves that reply instead, and its own ephemeral flag is ignored
+                # (discord-api-docs #2742, #3466).
+                assert inter.original_id is not None
+                call.resolved_original = True
+                return 200, self._edit_message(inter.original_id, call, inter.limit)
             channel_id = self._channel_of(inter)
             return 200, self._new_message(
                 channel_id, call.json or {}, call.files, inter.limit, webhook=True

@@ -216,6 +216,18 @@ async def test_the_app_composition_root_serves_discord(fake: FakeDiscord, tmp_pa
     assert set(fake.commands) == {None, GUILD_ID}
 
 
+async def answer(fake: FakeDiscord, inter: FakeInteraction) -> str:
+    """The deferred reply's text once the bot has resolved it (how a refusal is told)."""
+
+    def resolved() -> str | None:
+        if not inter.original_id:
+            return None
+        message = fake.original(inter)
+        return None if int(message.get("flags", 0)) & 128 else str(message.get("content", ""))
+
+    return str(await fake.wait_for(resolved))
+
+
 # ---- /imagine ----------------------------------------------------------------------------------
 
 
@@ -271,14 +283,14 @@ async def test_every_imagine_option_reaches_the_provider(
     assert found["cost_usd"] == pytest.approx(2.0)
 
 
-async def test_a_refused_request_is_told_only_to_its_user(
+async def test_a_refused_request_is_answered_in_the_deferred_reply(
     bot: Bot, fake: FakeDiscord, harness: Harness
 ) -> None:
     inter = await fake.slash("imagine", {"prompt": "too many", "count": 9})
-    (note,) = await fake.wait_for(lambda: fake.followups(inter.token))
-    assert note.payload["flags"] == 64  # ephemeral
-    assert "1 to 4 images" in note.payload["content"]
-    await fake.wait_for(lambda: fake.calls_to("DELETE", r"/messages/@original$"))
+    await fake.wait_for(
+        lambda: inter.original_id and "1 to 4 images" in fake.original(inter).get("content", "")
+    )
+    assert not fake.calls_to("DELETE", r"/messages/@original$")  # the answer stays visible
     assert harness.provider.calls == []
 
 
@@ -308,8 +320,7 @@ async def test_an_attachment_that_is_not_a_small_image_is_refused(
     try:
         att = fake.add_attachment(data, "x.bin", ctype)
         inter = await fake.slash("imagine", {"prompt": "use this", "model": "paid", "image": att})
-        (note,) = await fake.wait_for(lambda: fake.followups(inter.token))
-        assert expected in note.payload["content"] and note.payload["flags"] == 64
+        assert expected in await answer(fake, inter)
         assert harness.provider.calls == []
         assert not [c for c in fake.calls if c.path.startswith("/attachments")]
     finally:
@@ -622,8 +633,7 @@ async def test_a_429_with_via_is_waited_out_and_retried(bot: Bot, fake: FakeDisc
 async def test_after_stop_intake_new_work_is_declined(bot: Bot, fake: FakeDiscord) -> None:
     await bot.adapter.stop_intake()
     inter = await fake.slash("imagine", {"prompt": "too late"})
-    (note,) = await fake.wait_for(lambda: fake.followups(inter.token))
-    assert "restarting" in note.payload["content"]
+    assert "restarting" in await answer(fake, inter)
 
 
 # ---- restarts ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tests.fake_discord import CHANNEL_ID, GUILD_ID, USER, FakeDiscord, FakeInte
 from tests.test_discord import (
     BOB,
     Bot,
+    answer,
     close_bot,
     content,
     job_of,
@@ -104,11 +105,9 @@ async def answered(fake: FakeDiscord, inter: FakeInteraction, expected: str) -> 
 
 
 async def refused_imagine(fake: FakeDiscord, user: dict[str, Any], **options: Any) -> str:
-    """Bob's /imagine, refused: the reason only he sees."""
+    """Bob's /imagine, refused: the reason, in the deferred reply."""
     inter = await fake.slash("imagine", {"prompt": "a fox", **options}, user=user)
-    (note,) = await fake.wait_for(lambda: fake.followups(inter.token))
-    assert note.payload["flags"] == 64
-    return str(note.payload["content"])
+    return await answer(fake, inter)
 
 
 async def imagined(fake: FakeDiscord, user: dict[str, Any], **options: Any) -> str:
