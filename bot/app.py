@@ -110,8 +110,13 @@ def build_providers(
             webhook_url=grsai_webhook,
         )
     if settings.openai_api_key is not None:
+        # OpenAI's own API streams gpt-image partial images (progress for the status message);
+        # aggregators often don't, so they get the plain call.
+        official = "api.openai.com" in settings.openai_base_url
         providers["openai"] = OpenAIImagesProvider(
-            settings.openai_api_key.get_secret_value(), settings.openai_base_url
+            settings.openai_api_key.get_secret_value(),
+            settings.openai_base_url,
+            partial_images=2 if official else 0,
         )
     if settings.gemini_api_key is not None:
         providers["gemini"] = GeminiProvider(

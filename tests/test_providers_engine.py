@@ -211,3 +211,18 @@ async def test_faults_end_the_job_right(name: str, fault: str, tmp_path: Path) -
             assert final and "not charged" in final[-1].text
             usage = await engine.usage(UserRef("test", "alice"))
             assert usage.images == 0  # the reservation was released
+
+
+async def test_openai_streams_partial_images_as_progress(tmp_path: Path) -> None:
+    async with FakeOpenAI() as fake:
+        provider = OpenAIImagesProvider(fake.api_key, fake.base_url, partial_images=2)
+        setup = Setup("openai", "gpt-image-1", provider, fake, set, {})
+        async with engine_for(setup, tmp_path) as (engine, adapter):
+            ticket = await engine.submit(request())
+            await engine.run_until_idle()
+            assert (await row(tmp_path, ticket.job_id))[0] == "succeeded"
+            percents = [u.percent for j, u in adapter.statuses if j == ticket.job_id and u.percent]
+            assert percents == [33, 66]
+            (call,) = fake.image_calls
+            assert call.json["stream"] is True and call.json["partial_images"] == 2
+        await provider.aclose()

@@ -183,7 +183,10 @@ class OpenAIImagesProvider:
         *,
         session: aiohttp.ClientSession | None = None,
         max_image_bytes: int = MAX_IMAGE_BYTES,
+        partial_images: int = 0,
     ) -> None:
+        """`partial_images` > 0 streams gpt-image generations (SSE) and turns each partial
+        image into progress; off by default, since not every aggregator streams."""
         if not api_key:
             raise ValueError("an API key is required")
         self._api_key = api_key
@@ -192,6 +195,7 @@ class OpenAIImagesProvider:
         self._owns_session = session is None
         self.max_image_bytes = max_image_bytes
         self.usage_by_job: dict[str, dict[str, Any]] = {}
+        self.partial_images = max(0, min(3, partial_images))
 
     def __repr__(self) -> str:
         return f"OpenAIImagesProvider(base_url={self.base_url!r})"
@@ -215,6 +219,9 @@ class OpenAIImagesProvider:
                 raise BadRequest(f"at most {MAX_EDIT_IMAGES} reference images")
             if any(len(ref) > MAX_EDIT_IMAGE_BYTES for ref in refs):
                 raise BadRequest("a reference image is over 50 MB")
+        streams = family in ("gpt-image", "gpt-image-2") and not refs and request.n == 1
+        if self.partial_images and streams:
+            return await self._call_streaming(request, family, size, hooks)
         if family != "dall-e-3" or request.n == 1:
             return await self._call(request, family, size, request.n)
         images: list[GeneratedImage] = []
@@ -322,6 +329,78 @@ class OpenAIImagesProvider:
             as_status = code if isinstance(code, int) and 400 <= code <= 599 else 502
             raise self._error(as_status, raw, resp_headers)
         return await self._images(request, payload, session)
+
+    async def _call_streaming(
+        self, request: GenerationRequest, family: str, size: str | None, hooks: JobHooks
+    ) -> list[GeneratedImage]:
+        """A gpt-image generation over SSE: each partial image is progress, then the image."""
+        path, body = self._body(request, family, size, 1)
+        fields = {**body["json"], "stream": True, "partial_images": self.partial_images}
+        session = self._session_for_use()
+        timeout = aiohttp.ClientTimeout(
+            total=request.timeout_s, sock_connect=min(30.0, request.timeout_s)
+        )
+        headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "text/event-stream"}
+        steps = self.partial_images + 1
+        cap = (self.max_image_bytes * 4 // 3 + 4) * (steps + 1) + 1_000_000
+        try:
+            async with session.post(
+                self.base_url + path, headers=headers, timeout=timeout, json=fields
+            ) as resp:
+                if resp.status >= 400 or "event-stream" not in resp.content_type:
+                    raw = await self._read(resp, 1)
+                    if resp.status >= 400:
+                        raise self._error(resp.status, raw, resp.headers)
+                    payload = self._json(raw)  # a relay that ignored `stream`
+                    if payload is None:
+                        raise Transient("the image API sent an unreadable body")
+                    return await self._images(request, payload, session)
+                buffer, seen = b"", 0
+                async for chunk in resp.content.iter_chunked(65536):
+                    seen += len(chunk)
+                    if seen > cap:
+                        raise Transient("the image API sent a stream over the size cap")
+                    buffer += chunk
+                    while b"\n\n" in buffer:
+                        block, buffer = buffer.split(b"\n\n", 1)
+                        event = self._sse_event(block)
+                        if event is None:
+                            continue
+                        kind = str(event.get("type", ""))
+                        if kind.endswith(".partial_image"):
+                            index = int(event.get("partial_image_index", 0))
+                            await hooks.progress(100 * (index + 1) // steps)
+                        elif kind.endswith(".completed"):
+                            usage = event.get("usage")
+                            if isinstance(usage, dict):
+                                self._record_usage(request.job_id, usage)
+                            b64 = event.get("b64_json")
+                            if not isinstance(b64, str) or not b64:
+                                raise Transient("the image stream ended without an image")
+                            return [decode_base64_image(b64, self.max_image_bytes)]
+                        elif kind == "error" or "error" in event:
+                            raw = json.dumps({"error": event.get("error", event)}).encode()
+                            raise self._error(502, raw, resp.headers)
+        except TimeoutError:
+            raise Transient(
+                f"no answer from the image API within {request.timeout_s:g} s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise Transient(f"the image stream broke ({type(exc).__name__})") from None
+        raise Transient("the image stream ended without an image")
+
+    @staticmethod
+    def _sse_event(block: bytes) -> dict[str, Any] | None:
+        data = b"".join(
+            line[5:].strip() for line in block.splitlines() if line.startswith(b"data:")
+        )
+        if not data or data == b"[DONE]":
+            return None
+        try:
+            event = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return event if isinstance(event, dict) else None
 
     async def _read(self, resp: aiohttp.ClientResponse, n: int) -> bytes:
         """The body, capped: n base64 images at most, plus room for JSON around them."""
