@@ -420,9 +420,6 @@ def _unlink_all(paths: Iterable[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
-_made_dirs: set[Path] = set()
-
-
 def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:
     """Write image files before their rows are committed.
 
@@ -431,15 +428,11 @@ def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:
     that the file is whole.
     """
     for path, data in items:
-        folder = path.parent
-        if folder not in _made_dirs:
-            os.makedirs(folder, exist_ok=True)
-            _made_dirs.add(folder)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             fd = os.open(path, flags, 0o644)
-        except FileNotFoundError:  # the folder went away under us (cleanup, tests)
-            os.makedirs(folder, exist_ok=True)
+        except FileNotFoundError:  # the first file in its folder (Store.open made the usual ones)
+            os.makedirs(path.parent, exist_ok=True)
             fd = os.open(path, flags, 0o644)
         try:
             view = memoryview(data)
@@ -471,5 +464,7 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 def _make_dirs(data_dir: Path) -> None:
-    for folder in (data_dir, data_dir / "images", data_dir / "refs"):
+    folders = [data_dir, data_dir / "images", data_dir / "refs"]
+    folders += [data_dir / "images" / c for c in "abcdefghijklmnopqrstuvwxyz234567"]
+    for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,155 @@
+"""The engine's shared state and bookkeeping, and the alerts it sends the operator's admins."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from bot.adapter import Adapter
+from bot.catalog import Catalog
+from bot.engine_config import EngineConfig
+from bot.errors import ErrorKind, ProviderError
+from bot.fairqueue import FairQueue
+from bot.jobs import Job, Target
+from bot.metrics import Metrics
+from bot.operator import Operator
+from bot.providers.base import Provider
+from bot.quota import Quotas
+from bot.routing import BreakerState, Router
+from bot.store import Store
+from bot.texts import t
+
+log = logging.getLogger("drawbridge.engine")
+
+
+class EngineBase:
+    """What every part of the engine reads and writes; `Engine.__init__` sets it all."""
+
+    store: Store
+    catalog: Catalog
+    providers: dict[str, Provider]
+    router: Router
+    operator: Operator
+    metrics: Metrics
+    config: EngineConfig
+    default_model: str
+    clock: Callable[[], float]
+    quotas: Quotas
+    adapters: dict[str, Adapter]
+    _queue: FairQueue
+    _jobs: dict[str, Job]  # queued or running, by id
+    _active_by_user: dict[str, int]
+    _running: dict[str, asyncio.Task[None]]
+    _slots: dict[str, str]  # jobs generating now → the provider they count on
+    _running_by_provider: dict[str, int]
+    _generating: set[str]  # running jobs still in the (cancellable) generate stage
+    _cancelled: set[str]
+    _background: set[asyncio.Task[None]]
+    _wakeup: asyncio.Event
+    _idle: asyncio.Event
+    _scheduler: asyncio.Task[None] | None
+    _sweeper: asyncio.Task[None] | None
+    _closing: bool
+    _alerted: set[tuple[str, str]]
+
+    def active_job(self, job_id: str) -> Job | None:
+        """A queued or running job, as the engine holds it now."""
+        return self._jobs.get(job_id)
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def _hold(self, job: Job) -> None:
+        key = str(job.user)
+        self._jobs[job.id] = job
+        self._active_by_user[key] = self._active_by_user.get(key, 0) + 1
+
+    def _unhold(self, job: Job) -> None:
+        if self._jobs.pop(job.id, None) is None:
+            return
+        key = str(job.user)
+        left = self._active_by_user.get(key, 1) - 1
+        if left > 0:
+            self._active_by_user[key] = left
+        else:
+            self._active_by_user.pop(key, None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._background.discard(t)
+            self._check_idle()
+
+        task.add_done_callback(done)
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _free_slot(self, job_id: str) -> None:
+        """The job stopped generating (or never started): its slot goes to the next one."""
+        provider = self._slots.pop(job_id, None)
+        if provider is not None:
+            self._running_by_provider[provider] -= 1
+            self._wake()
+
+    def _check_idle(self) -> None:
+        if not self._jobs and not self._running and not self._background:
+            self._idle.set()
+
+    # ---- alerts to admins -----------------------------------------------------------------
+
+    def _provider_error(self, provider: str, exc: BaseException) -> None:
+        kind = exc.kind.value if isinstance(exc, ProviderError) else "timeout"
+        self.metrics.provider_errors.labels(provider, kind).inc()
+        if kind == ErrorKind.AUTH.value:
+            log.error("provider %s rejected its API key: check the key and the account", provider)
+            self.alert(f"auth:{provider}", "alert.auth", provider=provider)
+
+    def breaker_changed(self, provider: str, state: BreakerState) -> None:
+        if state is BreakerState.OPEN:
+            self.alert(f"breaker:{provider}:{self.clock():.0f}", "alert.breaker", provider=provider)
+
+    def alert(self, key: str, text_key: str, **params: object) -> None:
+        """Tell every admin once per `key` (and day): budget marks, rejected keys, open breakers.
+
+        Sent in the background as a direct message (`Target.meta == "dm"`: `chat_id` is the
+        admin's user id), so an alert never holds up the job that raised it.
+        """
+        day = self.quotas.today()
+        if (key, day) in self._alerted:
+            return
+        self._alerted.add((key, day))
+        for admin in sorted(self.config.admin_ids):
+            platform, _, user_id = admin.partition(":")
+            adapter = self.adapters.get(platform)
+            if adapter is None or not user_id:
+                continue
+            text = t("en", text_key, **params)
+            self._spawn(
+                self._send_alert(adapter, Target(platform, chat_id=user_id, meta="dm"), text)
+            )
+
+    async def _send_alert(self, adapter: Adapter, target: Target, text: str) -> None:
+        try:
+            async with asyncio.timeout(self.config.deliver_timeout):
+                await adapter.notify(target, text)
+        except Exception:
+            log.warning(
+                "admin alert to %s:%s not sent", target.platform, target.chat_id, exc_info=True
+            )
+
+    def _check_budget(self, day: str) -> None:
+        budget = self.quotas.limits.budget_usd
+        if not budget:
+            return
+        spent = self.quotas.spent_total(day)
+        for mark in (100, 80):
+            if spent >= budget * mark / 100 - 1e-9:
+                self.alert(
+                    f"budget:{mark}", "alert.budget", percent=mark, spent=f"${spent:.2f}",
+                    budget=f"${budget:.2f}",
+                )  # fmt: skip
+                return

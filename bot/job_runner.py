@@ -1,0 +1,336 @@
+"""Running one job: generate (with retries and failover), store and charge, deliver, or end it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import replace
+
+from bot.adapter import StatusKind, StatusUpdate
+from bot.catalog import ModelSpec
+from bot.engine_base import EngineBase
+from bot.errors import BadRequest, DeliveryError, ErrorKind, ProviderError
+from bot.jobs import GeneratedImage, Job, JobStatus, StoredImage
+from bot.operator import scope_of
+from bot.providers.base import GenerationRequest
+from bot.providers.retry import hinted_wait, provider_retrying
+from bot.routing import FAILOVER_KINDS, CircuitOpen, Route
+from bot.texts import t
+
+log = logging.getLogger("drawbridge.engine")
+
+
+class JobRunner(EngineBase):
+    """The life of a job once the scheduler has started it."""
+
+    async def _run(self, job: Job) -> None:
+        spec = self.catalog.get(job.model)
+        assert spec is not None  # checked at submit and at start
+        began = self.clock()
+        # The live copy: it may carry what adapters attached since it was queued.
+        job = replace(self._jobs.get(job.id, job), status=JobStatus.RUNNING, started_at=began)
+        self._jobs[job.id] = job
+        self.metrics.queue_seconds.observe(max(0.0, began - job.created_at))
+        log.info("▶ job=%s started on %s after %.1fs", job.id, job.provider, began - job.created_at)
+        self._generating.add(job.id)
+        try:
+            try:
+                # Not awaited: a restart requeues a running job anyway, and the unit still
+                # commits before the job's outcome, which is queued after it.
+                self.store.post(
+                    (
+                        "UPDATE jobs SET status = 'running', started_at = ?, "
+                        "attempts = attempts + 1 WHERE id = ?",
+                        (began, job.id),
+                    )
+                )
+                await self._emit(job, StatusKind.STARTED, "status.started", model=job.model)
+                timeout = min(spec.timeout_s, self.config.generate_timeout)
+                async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+                    images, served = await self._generate(job, spec)
+            finally:
+                # CONCURRENCY counts jobs generating: storing and delivering the result (or the
+                # failure) happens outside the slot, so the next job starts now.
+                self._generating.discard(job.id)
+                self._free_slot(job.id)
+        except asyncio.CancelledError:
+            if job.id in self._cancelled:
+                return  # cancel() records the outcome
+            raise  # shutdown: the row stays queued/running and resumes on the next start
+        except TimeoutError:
+            await self._finish(job, JobStatus.FAILED, ErrorKind.TIMEOUT, "generation timed out")
+            return
+        except ProviderError as exc:
+            status = JobStatus.REFUSED if exc.kind is ErrorKind.REFUSED else JobStatus.FAILED
+            await self._finish(job, status, exc.kind, str(exc) or exc.kind.value)
+            return
+        except Exception as exc:
+            log.exception("job=%s failed unexpectedly", job.id)
+            await self._finish(job, JobStatus.FAILED, ErrorKind.INTERNAL, type(exc).__name__)
+            return
+        if not images:
+            await self._finish(job, JobStatus.FAILED, ErrorKind.TRANSIENT, "no image returned")
+            return
+        try:
+            done, stored = await self._settle(self._jobs.get(job.id, job), served, images)
+        except Exception as exc:
+            # The disk or the database refused the result: the job ends, uncharged, and says so.
+            log.exception("job=%s: could not store its images", job.id)
+            await self._finish(job, JobStatus.FAILED, ErrorKind.INTERNAL, type(exc).__name__)
+            return
+        await self._deliver(done, stored)
+
+    async def _generate(self, job: Job, spec: ModelSpec) -> tuple[list[GeneratedImage], ModelSpec]:
+        """Images from the first route that works, and the model that made them.
+
+        Each route gets the retry policy; when a route stays down (its breaker open, or still
+        failing after the retries), the job moves on to the next provider of the family.
+        """
+        refs = await self.store.load_reference_images(job.reference_paths)
+        hooks = _Hooks(self, job)
+        routes = self.router.routes(spec, pinned=job.provider if job.task_id else None)
+        if not routes:
+            raise BadRequest(f"no configured provider serves {spec.name}")
+        last: ProviderError | None = None
+        for i, route in enumerate(routes):
+            if route.provider.name != job.provider:
+                log.warning(
+                    "job=%s failing over from %s to %s", job.id, job.provider, route.provider.name
+                )
+                job = await self._switch_provider(job, route.provider.name, hooks)
+            try:
+                return await self._attempts(
+                    job, route, refs, hooks, i == len(routes) - 1
+                ), route.spec
+            except ProviderError as exc:
+                if exc.kind not in FAILOVER_KINDS:
+                    raise
+                last = exc
+        assert last is not None
+        raise last
+
+    async def _attempts(
+        self, job: Job, route: Route, refs: tuple[bytes, ...], hooks: _Hooks, last_route: bool
+    ) -> list[GeneratedImage]:
+        """The retry policy on one route; an open breaker moves on at once unless it is the last."""
+        spec = route.spec
+
+        def request() -> GenerationRequest:
+            return GenerationRequest(
+                job_id=job.id,
+                model=spec.name,
+                remote_model=spec.remote_model,
+                endpoint=spec.endpoint,
+                prompt=job.prompt,
+                n=job.options.n,
+                aspect_ratio=job.options.aspect_ratio,
+                size=job.options.size if job.options.size in spec.sizes else None,
+                seed=job.options.seed,
+                reference_images=refs,
+                task_id=hooks.task_id,
+                timeout_s=spec.timeout_s,
+            )
+
+        # Most calls succeed at once: only a failure pays for setting up the retry policy.
+        try:
+            return await self.router.call(route, request(), hooks)
+        except ProviderError as exc:
+            if not exc.retryable or self.config.retry_attempts <= 1:
+                raise
+            if isinstance(exc, CircuitOpen) and not last_route:
+                raise
+            initial = self.config.retry_initial
+            await asyncio.sleep(hinted_wait(exc, initial + random.uniform(0, initial), 120.0))
+        try:
+            async for attempt in provider_retrying(
+                self.config.retry_attempts - 1, self.config.retry_initial * 2
+            ):
+                with attempt:
+                    try:
+                        return await self.router.call(route, request(), hooks)
+                    except CircuitOpen as exc:
+                        if last_route:
+                            raise  # retried: waits for the breaker's probe
+                        raise _MoveOn(exc) from None  # not retryable: on to the next route
+        except _MoveOn as move:
+            raise move.error from None
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _switch_provider(self, job: Job, provider: str, hooks: _Hooks) -> Job:
+        """Record the provider now serving the job; another provider's task id means nothing."""
+        hooks.task_id = None
+        job = replace(job, provider=provider, task_id=None)
+        if job.id in self._jobs:
+            self._jobs[job.id] = job
+        hooks._job = job
+        await self.store.write(
+            ("UPDATE jobs SET provider = ?, task_id = NULL WHERE id = ?", (provider, job.id))
+        )
+        return job
+
+    async def _settle(
+        self, job: Job, spec: ModelSpec, images: Sequence[GeneratedImage]
+    ) -> tuple[Job, list[StoredImage]]:
+        """Store the images and charge the job in one transaction: only success is charged."""
+        generated = list(images)[: job.options.n]
+        cost = spec.cost(len(generated), job.options.size)
+        now = self.clock()
+        stored = await self.store.save_images(
+            job.id,
+            generated,
+            (
+                "UPDATE jobs SET status = 'succeeded', cost_usd = ?, n_images = ?, finished_at = ?, "
+                "error = NULL, error_kind = NULL WHERE id = ?",
+                (cost, len(generated), now, job.id),
+            ),
+        )
+        self.quotas.settle(
+            job.quota_key, job.day, (job.options.n, job.reserved_usd), (len(stored), cost)
+        )
+        self.quotas.release_scope(scope_of(job.target), job.day, job.options.n - len(stored))
+        self._check_budget(job.day)
+        m = self.metrics
+        m.jobs.labels("succeeded", job.provider, job.model).inc()
+        m.images.labels(job.provider, job.model).inc(len(stored))
+        m.spend.labels(job.provider, job.model).inc(cost)
+        if job.started_at is not None:
+            m.generate_seconds.labels(job.provider).observe(max(0.0, now - job.started_at))
+        self._unhold(job)
+        job = replace(
+            job,
+            status=JobStatus.SUCCEEDED,
+            cost_usd=cost,
+            finished_at=now,
+            options=replace(job.options, n=len(stored)),
+        )
+        took = now - (job.started_at or now)
+        log.info("← job=%s ok %.1fs images=%d cost=%.4f", job.id, took, len(stored), cost)
+        return job, stored
+
+    async def _deliver_stored(self, job: Job) -> None:
+        await self._deliver(job, await self.store.images_for(job.id))
+
+    async def _deliver(self, job: Job, images: Sequence[StoredImage]) -> None:
+        """Post the result, retrying a few times; record the message id so it is never re-sent."""
+        adapter = self.adapters.get(job.target.platform)
+        if adapter is None:
+            log.warning("job=%s: no %s adapter to deliver to; kept", job.id, job.target.platform)
+            return
+        delay = self.config.deliver_backoff
+        for attempt in range(1, self.config.deliver_attempts + 1):
+            try:
+                async with asyncio.timeout(self.config.deliver_timeout):
+                    ref = await adapter.deliver(job, images)
+            except (DeliveryError, TimeoutError, OSError) as exc:
+                permanent = isinstance(exc, DeliveryError) and exc.permanent
+                await self.store.write(
+                    (
+                        "UPDATE jobs SET delivery_attempts = delivery_attempts + ? WHERE id = ?",
+                        (self.config.deliver_attempts if permanent else 1, job.id),
+                    )
+                )
+                log.warning("job=%s delivery attempt %d failed: %s", job.id, attempt, exc)
+                if permanent or attempt == self.config.deliver_attempts:
+                    self.metrics.deliveries.labels(job.target.platform, "failed").inc()
+                    return
+                await asyncio.sleep(delay)
+                delay *= 2
+            else:
+                now = self.clock()
+                # Not awaited: the platform already has the message; waiting for this commit
+                # would not narrow the window in which a crash could make us post it twice.
+                self.store.post(
+                    (
+                        "UPDATE jobs SET delivered_at = ?, delivery_ref = ? WHERE id = ?",
+                        (now, ref, job.id),
+                    )
+                )
+                self.metrics.deliveries.labels(job.target.platform, "ok").inc()
+                log.info("✓ job=%s delivered to %s as %s", job.id, job.target.platform, ref)
+                self.metrics.total_seconds.observe(max(0.0, now - job.created_at))
+                return
+
+    async def _finish(self, job: Job, status: JobStatus, kind: ErrorKind, error: str) -> Job:
+        """End a job that produced nothing: record why, refund its hold, tell the user."""
+        now = self.clock()
+        await self.store.write(
+            (
+                "UPDATE jobs SET status = ?, cost_usd = 0, error = ?, error_kind = ?, "
+                "finished_at = ? WHERE id = ?",
+                (status.value, error, kind.value, now, job.id),
+            )
+        )
+        self.quotas.release(job.quota_key, job.day, job.options.n, job.reserved_usd)
+        self.quotas.release_scope(scope_of(job.target), job.day, job.options.n)
+        self.metrics.jobs.labels(status.value, job.provider, job.model).inc()
+        self._unhold(job)
+        job = replace(job, status=status, error=error, error_kind=kind.value, finished_at=now)
+        mark = {JobStatus.REFUSED: "refused", JobStatus.CANCELLED: "cancelled"}.get(
+            status, "failed"
+        )
+        log.info("✗ job=%s %s kind=%s %s", job.id, mark, kind.value, error)
+        if status is JobStatus.CANCELLED:
+            await self._emit(job, StatusKind.CANCELLED, "status.cancelled")
+        elif status is JobStatus.REFUSED:
+            reason = t(job.lang, "reason.refused")
+            await self._emit(job, StatusKind.REFUSED, "status.refused", reason=reason)
+        elif kind is ErrorKind.TIMEOUT:
+            await self._emit(job, StatusKind.TIMEOUT, "status.timeout")
+        else:
+            reason = t(job.lang, f"reason.{kind.value}")
+            await self._emit(job, StatusKind.FAILED, "status.failed", reason=reason)
+        self._check_idle()
+        return job
+
+    async def _emit(
+        self, job: Job, kind: StatusKind, key: str, percent: int | None = None, **params: object
+    ) -> None:
+        adapter = self.adapters.get(job.target.platform)
+        if adapter is None:
+            return
+        text = t(job.lang, key, job=job.id, percent=percent, **params)
+        update = StatusUpdate(kind=kind, text=text, percent=percent)
+        try:
+            # The protocol has status() return at once (adapters queue their edits), so no
+            # per-call timer here: this runs several times for every job.
+            await adapter.status(job, update)
+        except Exception:
+            log.warning("job=%s status %s not shown", job.id, kind, exc_info=True)
+
+
+class _MoveOn(Exception):
+    """Leave this route now (its breaker opened): another one can serve the job."""
+
+    def __init__(self, error: ProviderError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Hooks:
+    """A job's line back from its provider: progress (coalesced) and the task id (persisted)."""
+
+    def __init__(self, engine: JobRunner, job: Job) -> None:
+        self._engine = engine
+        self._job = job
+        self.task_id = job.task_id
+        self._last = -100
+
+    async def progress(self, percent: int) -> None:
+        percent = max(0, min(100, int(percent)))
+        if percent - self._last < 5 and percent != 100:
+            return
+        self._last = percent
+        job = self._engine.active_job(self._job.id) or self._job
+        await self._engine._emit(job, StatusKind.PROGRESS, "status.progress", percent=percent)
+
+    async def task_submitted(self, task_id: str | None) -> None:
+        self.task_id = task_id
+        engine = self._engine
+        job = engine.active_job(self._job.id)
+        if job is not None:
+            engine._jobs[job.id] = replace(job, task_id=task_id)
+        # Queued for the very next commit, but not waited for: the provider goes on streaming
+        # meanwhile, and the job's outcome (queued after it) can never overtake it.
+        engine.store.post(("UPDATE jobs SET task_id = ? WHERE id = ?", (task_id, self._job.id)))

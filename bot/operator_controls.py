@@ -1,0 +1,137 @@
+"""The operator's controls on the engine: admins, links, re-posts, the result cache, blocklist rows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+
+from bot.catalog import ModelSpec
+from bot.dbwriter import Op
+from bot.engine_config import new_job_id
+from bot.errors import ErrorKind, InvalidRequest, JobNotFound, UserError
+from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
+from bot.scheduler import Scheduler
+from bot.stats import usage_csv
+from bot.store import insert_job_op
+
+log = logging.getLogger("drawbridge.engine")
+
+
+class OperatorControls(Scheduler):
+    """What admin and account commands do, and the free paths of submit (cache, blocklist)."""
+
+    def is_admin(self, user: UserRef | str) -> bool:
+        key = str(user)
+        ids = self.config.admin_ids
+        return key in ids or self.operator.account_of(key) in ids
+
+    async def usage_csv(self) -> bytes:
+        return usage_csv(await self.store.usage())
+
+    async def new_link_code(self, user: UserRef) -> str:
+        code, ops = self.operator.new_link_code(str(user), self.clock())
+        await self.store.write(*ops)
+        return code
+
+    async def show(self, user: UserRef, job_id: str, target: Target) -> int:
+        """Post a finished job's stored images again, here; returns how many."""
+        job = await self.store.get_job(job_id.lower())
+        account = self.operator.account_of(user)
+        if job is None or (
+            self.operator.account_of(job.user) != account and not self.is_admin(user)
+        ):
+            raise JobNotFound(job=job_id)
+        images = await self.store.images_for(job.id)
+        existing = [img for img in images if img.path.exists()]
+        if job.status is not JobStatus.SUCCEEDED or not existing:
+            raise UserError("error.no_images", job=job.id)
+        adapter = self.adapters.get(target.platform)
+        if adapter is None:
+            raise UserError("error.no_images", job=job.id)
+        async with asyncio.timeout(self.config.deliver_timeout):
+            await adapter.deliver(replace(job, target=target), existing)
+        return len(existing)
+
+    async def apply(self, ops: Sequence[Op]) -> None:
+        """Persist an operator change (its in-memory part is already applied)."""
+        await self.store.write(*ops)
+
+    async def link(self, joiner: UserRef, code: str) -> str:
+        """Join `joiner` to the account that asked for `code`; they share quota from now on."""
+        now = self.clock()
+        owner = await self.store.link_code_owner(code.strip(), now)
+        if owner is None:
+            raise InvalidRequest("error.link_code")
+        if self.operator.account_of(owner) == self.operator.account_of(joiner):
+            return self.operator.account_of(owner)
+        account, old, ops = self.operator.link(owner, str(joiner), now)
+        ops.append(("DELETE FROM link_codes WHERE code = ?", (code.strip(),)))
+        await self.store.write(*ops)
+        for day in (self.quotas.today(), self.quotas.day_of(now - 86400)):
+            self.quotas.merge(day, old, account)
+        log.info("linked %s into account %s", joiner, account)
+        return account
+
+    async def _serve_cached(
+        self, request: Request, account: str, source: Job, images: list[StoredImage]
+    ) -> Ticket:
+        """An identical recent request: a new row pointing at the same files, free, delivered."""
+        now = self.clock()
+        job = replace(
+            source,
+            id=new_job_id(),
+            user=request.user,
+            target=request.target,
+            status=JobStatus.SUCCEEDED,
+            lang=request.lang,
+            day=self.quotas.day_of(now),
+            created_at=now,
+            started_at=now,
+            finished_at=now,
+            delivered_at=None,
+            reserved_usd=0.0,
+            cost_usd=0.0,
+            task_id=None,
+            status_message_id=None,
+            parent_id=None,
+            account=account if account != str(request.user) else "",
+            cached_from=source.id,
+        )
+        copies = [replace(img, job_id=job.id) for img in images]
+        await self.store.write(insert_job_op(job), *self.store.image_ops(copies))
+        log.info("→ job=%s served from the cache of job=%s", job.id, source.id)
+        self._spawn(self._deliver(job, copies))
+        return Ticket(job.id, 0, job.model, len(copies), 0.0, cached_from=source.id)
+
+    async def _record_blocked(
+        self,
+        request: Request,
+        spec: ModelSpec,
+        prompt: str,
+        options: Options,
+        account: str,
+        term: str,
+    ) -> None:
+        """A blocklisted prompt still gets a row (refused, free), so the operator sees it."""
+        now = self.clock()
+        job = Job(
+            id=new_job_id(),
+            user=request.user,
+            target=request.target,
+            prompt=prompt,
+            model=spec.name,
+            provider=spec.provider,
+            options=options,
+            status=JobStatus.REFUSED,
+            lang=request.lang,
+            day=self.quotas.day_of(now),
+            created_at=now,
+            error=f"blocklist: {term}",
+            error_kind=ErrorKind.REFUSED.value,
+            finished_at=now,
+            account=account if account != str(request.user) else "",
+        )
+        await self.store.insert_job(job)
+        log.info("✗ job=%s refused by the blocklist (%s)", job.id, term)

@@ -1,0 +1,141 @@
+"""Starting and stopping the engine, and the scheduler that starts jobs fairly within bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import replace
+
+from bot.engine_config import UPDATE_STATUS
+from bot.errors import ErrorKind
+from bot.job_runner import JobRunner
+from bot.jobs import Job, JobStatus
+
+log = logging.getLogger("drawbridge.engine")
+
+
+class Scheduler(JobRunner):
+    """Lifecycle (resume, drain, park) and the loop that hands out generating slots."""
+
+    async def start(self, *, resume: bool = True) -> None:
+        """Resume from the database: queued jobs, submitted provider tasks, undelivered results.
+
+        `resume=False` (the batch CLI) leaves other processes' jobs alone and only loads quotas.
+        """
+        resumed = 0
+        ops = []
+        unfinished = await self.store.unfinished_jobs() if resume else []
+        for job in unfinished:
+            spec = self.catalog.get(job.model)
+            if spec is None or not self.router.available(spec):
+                # Counted, so that _finish's release balances; the model is gone from this config.
+                self._hold(job)
+                await self._finish(
+                    job, JobStatus.FAILED, ErrorKind.BAD_REQUEST, "model unavailable"
+                )
+                continue
+            if job.status is JobStatus.RUNNING:
+                ops.append((UPDATE_STATUS, (JobStatus.QUEUED.value, job.id)))
+                job = replace(job, status=JobStatus.QUEUED)
+            self._hold(job)
+            # A job whose provider task was already submitted goes first: it is already paid for.
+            self._queue.push(job, front=job.task_id is not None)
+            resumed += 1
+        if ops:
+            await self.store.write(*ops)
+        if resume:
+            self.operator = await self.store.load_operator(self.operator.blocklist)
+        day = self.quotas.today()
+        self.quotas.load(day, await self.store.day_totals(day))
+        self.quotas.load_scopes(day, await self.store.scope_totals(day))
+        undelivered = (
+            await self.store.undelivered_jobs(self.config.deliver_attempts) if resume else []
+        )
+        for job in undelivered:
+            if job.target.platform in self.adapters:
+                self._spawn(self._deliver_stored(job))
+        if resumed or undelivered:
+            log.info("resumed %d queued jobs, %d undelivered results", resumed, len(undelivered))
+        self._scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")
+        self._sweeper = asyncio.create_task(self._sweep(), name="engine-sweeper")
+        self._wake()
+
+    async def close(self) -> None:
+        """Stop intake, give running jobs a grace period, park the rest for the next start."""
+        self._closing = True
+        for task in (self._scheduler, self._sweeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        pending = set(self._running.values()) | self._background
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.config.shutdown_grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                log.info("parked %d unfinished jobs for the next start", len(late))
+
+    async def run_until_idle(self) -> None:
+        """Wait until nothing is queued, running or being delivered (for tests and batch runs)."""
+        while self._jobs or self._running or self._background:
+            self._idle.clear()
+            await self._idle.wait()
+
+    # ---- scheduling -----------------------------------------------------------------------
+
+    def _provider_has_room(self, job: Job) -> bool:
+        cap = self.config.provider_concurrency.get(job.provider)
+        return cap is None or self._running_by_provider.get(job.provider, 0) < cap
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            cfg = self.config
+            # Generating jobs take a slot; finished ones storing and delivering their result
+            # hold none but are bounded too, so a slow platform backs up the queue, not memory.
+            in_flight_max = cfg.concurrency + (cfg.finishing_max or max(64, 4 * cfg.concurrency))
+            while len(self._slots) < cfg.concurrency and len(self._running) < in_flight_max:
+                job = self._queue.pop(self._provider_has_room)
+                if job is None:
+                    break
+                self._slots[job.id] = job.provider
+                self._running_by_provider[job.provider] = (
+                    self._running_by_provider.get(job.provider, 0) + 1
+                )
+                task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+                self._running[job.id] = task
+                task.add_done_callback(functools.partial(self._job_done, job))
+
+    def _job_done(self, job: Job, _task: asyncio.Task[None]) -> None:
+        self._running.pop(job.id, None)
+        self._generating.discard(job.id)
+        self._cancelled.discard(job.id)
+        self._free_slot(job.id)  # a task cancelled before it ran never freed its own
+        self._wake()
+        self._check_idle()
+
+    async def _sweep(self) -> None:
+        """Fail jobs that waited in the queue past QUEUE_TIMEOUT: every job ends.
+
+        Once an hour it also deletes image files older than IMAGE_RETENTION_DAYS.
+        """
+        last_cleanup = 0.0
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            days = self.config.image_retention_days
+            if days > 0 and self.clock() - last_cleanup >= 3600:
+                last_cleanup = self.clock()
+                try:
+                    removed = await self.store.expire_images(self.clock() - days * 86400)
+                except Exception:
+                    log.warning("image cleanup failed", exc_info=True)
+                else:
+                    if removed:
+                        log.info("deleted %d images older than %g days", removed, days)
+            cutoff = self.clock() - self.config.queue_timeout
+            for job in [j for j in self._queue if j.created_at < cutoff and j.task_id is None]:
+                self._queue.remove(job.id)
+                await self._finish(job, JobStatus.FAILED, ErrorKind.TIMEOUT, "queue timeout")
