@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+
+log = logging.getLogger("drawbridge.store")
+
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry: append a new
 # one, so that an old database opens in a new release.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -128,3 +133,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the schema up to this release, one versioned step per transaction."""
+    row = db.execute("PRAGMA user_version").fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"database schema version {version} is newer than this release ({len(MIGRATIONS)})"
+        )
+    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql in statements:
+                db.execute(sql)
+            db.execute(f"PRAGMA user_version = {number}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        log.info("database migrated to schema version %d", number)

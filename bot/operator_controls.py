@@ -11,10 +11,10 @@ from bot.catalog import ModelSpec
 from bot.dbwriter import Op
 from bot.engine_config import new_job_id
 from bot.errors import ErrorKind, InvalidRequest, JobNotFound, UserError
+from bot.job_rows import insert_job_op
 from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
 from bot.scheduler import Scheduler
 from bot.stats import usage_csv
-from bot.store import insert_job_op
 
 log = logging.getLogger("drawbridge.engine")
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import sqlite3
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,19 +14,14 @@ from typing import Any
 import aiosqlite
 
 from bot.dbwriter import GroupWriter, Op
+from bot.image_files import make_dirs, unlink_all, write_files
 from bot.images import extension_for
-from bot.jobs import GeneratedImage, Job, JobStatus, Options, StoredImage, Target, UserRef
-from bot.migrations import MIGRATIONS
+from bot.job_rows import JOB_COLUMNS, insert_job_op, row_to_job
+from bot.jobs import GeneratedImage, Job, StoredImage, Target, UserRef
+from bot.migrations import migrate
 from bot.operator import Blocklist, Operator, scope_of
 
 log = logging.getLogger(__name__)
-
-_JOB_COLUMNS = (
-    "id, platform, user_id, chat_id, thread_id, reply_to, guild_id, target_meta, status_message_id, "
-    "lang, prompt, model, provider, n_images, aspect_ratio, size, seed, refs, status, day, admin, "
-    "reserved_usd, cost_usd, error, error_kind, task_id, created_at, started_at, finished_at, "
-    "delivered_at, parent_id, account, cache_key, cached_from"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +62,7 @@ class Store:
 
     @classmethod
     async def open(cls, data_dir: Path) -> Store:
-        await asyncio.to_thread(_make_dirs, data_dir)
+        await asyncio.to_thread(make_dirs, data_dir)
         path = data_dir / "drawbridge.db"
         writer = await GroupWriter.open(
             path,
@@ -82,7 +74,7 @@ class Store:
             ),
         )
         try:
-            await writer.call(_migrate)
+            await writer.call(migrate)
             rdb = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
         except BaseException:
             await writer.close()
@@ -129,7 +121,7 @@ class Store:
     async def save_reference_images(self, job_id: str, images: Sequence[bytes]) -> tuple[str, ...]:
         """Keep a job's reference images on disk, so a restart can still send them."""
         paths = [self.refs_dir / f"{job_id}-{i}" for i in range(len(images))]
-        await asyncio.to_thread(_write_files, list(zip(paths, images, strict=True)))
+        await asyncio.to_thread(write_files, list(zip(paths, images, strict=True)))
         return tuple(str(p.relative_to(self.data_dir)) for p in paths)
 
     async def load_reference_images(self, paths: Sequence[str]) -> tuple[bytes, ...]:
@@ -164,7 +156,7 @@ class Store:
             for i, img in enumerate(images)
         ]
         files = [(s.path, img.data) for s, img in zip(stored, images, strict=True)]
-        await asyncio.get_running_loop().run_in_executor(self._files, _write_files, files)
+        await asyncio.get_running_loop().run_in_executor(self._files, write_files, files)
         await self._writer.run(*self.image_ops(stored), *ops)
         return stored
 
@@ -189,8 +181,8 @@ class Store:
     # ---- reads --------------------------------------------------------------------------
 
     async def _select_jobs(self, where: str, params: Sequence[Any] = ()) -> list[Job]:
-        rows = await self._rdb.execute_fetchall(f"SELECT {_JOB_COLUMNS} FROM jobs {where}", params)
-        return [_row_to_job(r) for r in rows]
+        rows = await self._rdb.execute_fetchall(f"SELECT {JOB_COLUMNS} FROM jobs {where}", params)
+        return [row_to_job(r) for r in rows]
 
     async def get_job(self, job_id: str) -> Job | None:
         jobs = await self._select_jobs("WHERE id = ?", (job_id,))
@@ -307,7 +299,7 @@ class Store:
             )
         }
         doomed = [self.data_dir / p for p in paths - kept]
-        await asyncio.to_thread(_unlink_all, doomed)
+        await asyncio.to_thread(unlink_all, doomed)
         await self.write(
             *[("DELETE FROM images WHERE job_id = ? AND idx = ?", (r[0], r[1])) for r in rows]
         )
@@ -330,141 +322,3 @@ class Store:
             UsageRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7] or 0.0))
             for r in rows
         ]
-
-
-def insert_job_op(job: Job) -> Op:
-    t, o = job.target, job.options
-    return (
-        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 34)})",
-        (
-            job.id,
-            job.user.platform,
-            job.user.user_id,
-            t.chat_id,
-            t.thread_id,
-            t.reply_to,
-            t.guild_id,
-            t.meta,
-            job.status_message_id,
-            job.lang,
-            job.prompt,
-            job.model,
-            job.provider,
-            o.n,
-            o.aspect_ratio,
-            o.size,
-            o.seed,
-            json.dumps(list(job.reference_paths)),
-            str(job.status),
-            job.day,
-            int(job.admin),
-            job.reserved_usd,
-            job.cost_usd,
-            job.error,
-            job.error_kind,
-            job.task_id,
-            job.created_at,
-            job.started_at,
-            job.finished_at,
-            job.delivered_at,
-            job.parent_id,
-            job.account or None,
-            job.cache_key,
-            job.cached_from,
-        ),
-    )
-
-
-def _row_to_job(r: Any) -> Job:
-    return Job(
-        id=r["id"],
-        user=UserRef(r["platform"], r["user_id"]),
-        target=Target(
-            platform=r["platform"],
-            chat_id=r["chat_id"],
-            thread_id=r["thread_id"],
-            reply_to=r["reply_to"],
-            guild_id=r["guild_id"],
-            meta=r["target_meta"],
-        ),
-        prompt=r["prompt"],
-        model=r["model"],
-        provider=r["provider"],
-        options=Options(
-            aspect_ratio=r["aspect_ratio"], n=r["n_images"], size=r["size"], seed=r["seed"]
-        ),
-        status=JobStatus(r["status"]),
-        lang=r["lang"],
-        day=r["day"],
-        created_at=r["created_at"],
-        reserved_usd=r["reserved_usd"],
-        admin=bool(r["admin"]),
-        reference_paths=tuple(json.loads(r["refs"])),
-        task_id=r["task_id"],
-        cost_usd=r["cost_usd"],
-        error=r["error"],
-        error_kind=r["error_kind"],
-        started_at=r["started_at"],
-        finished_at=r["finished_at"],
-        delivered_at=r["delivered_at"],
-        status_message_id=r["status_message_id"],
-        parent_id=r["parent_id"],
-        account=r["account"] or "",
-        cache_key=r["cache_key"],
-        cached_from=r["cached_from"],
-    )
-
-
-def _unlink_all(paths: Iterable[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
-
-
-def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:
-    """Write image files before their rows are committed.
-
-    A crash mid-write leaves a file no row points at (the job runs again and rewrites it), so
-    no temp-file-and-rename dance is needed: the row, committed after this returns, is the mark
-    that the file is whole.
-    """
-    for path, data in items:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        try:
-            fd = os.open(path, flags, 0o644)
-        except FileNotFoundError:  # the first file in its folder (Store.open made the usual ones)
-            os.makedirs(path.parent, exist_ok=True)
-            fd = os.open(path, flags, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Bring the schema up to this release, one versioned step per transaction."""
-    row = db.execute("PRAGMA user_version").fetchone()
-    version = int(row[0]) if row else 0
-    if version > len(MIGRATIONS):
-        raise RuntimeError(
-            f"database schema version {version} is newer than this release ({len(MIGRATIONS)})"
-        )
-    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql in statements:
-                db.execute(sql)
-            db.execute(f"PRAGMA user_version = {number}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        log.info("database migrated to schema version %d", number)
-
-
-def _make_dirs(data_dir: Path) -> None:
-    folders = [data_dir, data_dir / "images", data_dir / "refs"]
-    folders += [data_dir / "images" / c for c in "abcdefghijklmnopqrstuvwxyz234567"]
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,44 @@
+"""Image files under the data dir: folders made once, files written whole, old ones removed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+# Job ids are lowercase base32: one folder per first character.
+FOLDERS = "abcdefghijklmnopqrstuvwxyz234567"
+
+
+def unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def write_files(items: Sequence[tuple[Path, bytes]]) -> None:
+    """Write image files before their rows are committed.
+
+    A crash mid-write leaves a file no row points at (the job runs again and rewrites it), so
+    no temp-file-and-rename dance is needed: the row, committed after this returns, is the mark
+    that the file is whole.
+    """
+    for path, data in items:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # the first file in its folder (Store.open made the usual ones)
+            os.makedirs(path.parent, exist_ok=True)
+            fd = os.open(path, flags, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+
+def make_dirs(data_dir: Path) -> None:
+    folders = [data_dir, data_dir / "images", data_dir / "refs"]
+    folders += [data_dir / "images" / c for c in FOLDERS]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
