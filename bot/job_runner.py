@@ -80,6 +80,7 @@ class JobRunner(EngineBase):
             log.exception("job=%s: could not store its images", job.id)
             await self._finish(job, JobStatus.FAILED, ErrorKind.INTERNAL, type(exc).__name__)
             return
+        del images  # the files hold them now: don't keep the bytes through a slow upload
         await self._deliver(done, stored)
 
     async def _generate(self, job: Job, spec: ModelSpec) -> tuple[list[GeneratedImage], ModelSpec]:

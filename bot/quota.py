@@ -43,14 +43,16 @@ class Quotas:
         self._clock = clock
         self._days: dict[str, dict[str, _Tally]] = {}
         self._totals: dict[str, float] = {}
-        self._scopes: dict[tuple[str, str], int] = {}  # (chat or guild scope, day) → images
+        self._scopes: dict[tuple[str, str], int] = {}
+        self._day_names: dict[str, str] = {}  # (chat or guild scope, day) → images
 
     def today(self) -> str:
         return self.day_of(self._clock())
 
     def day_of(self, ts: float) -> str:
         """The quota day (in QUOTA_TZ) that a timestamp falls in."""
-        return datetime.fromtimestamp(ts, self._tz).date().isoformat()
+        day = datetime.fromtimestamp(ts, self._tz).date().isoformat()
+        return self._day_names.setdefault(day, day)  # one string per day, not one per job
 
     def load(self, day: str, totals: Iterable[DayTotals]) -> None:
         users = self._days.setdefault(day, {})

@@ -82,6 +82,7 @@ class Scheduler(JobRunner):
         while self._jobs or self._running or self._background:
             self._idle.clear()
             await self._idle.wait()
+        await self.store.flush()  # and the bookkeeping posted without waiting is committed
 
     # ---- scheduling -----------------------------------------------------------------------
 

@@ -111,6 +111,10 @@ class Store:
         """Commit statements as one atomic unit (group-committed with concurrent callers)."""
         await self._writer.run(*ops)
 
+    async def flush(self) -> None:
+        """Return once everything written or posted before this call is committed."""
+        await self._writer.run()
+
     def post(self, *ops: Op) -> asyncio.Future[None]:
         """Queue a unit without waiting for its commit (see `GroupWriter.post`)."""
         return self._writer.post(*ops)

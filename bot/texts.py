@@ -7,7 +7,6 @@ parameter name can never turn an answer into a crash.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -345,9 +344,6 @@ class _Params(dict[str, Any]):
         return "?"
 
 
-_formatter = string.Formatter()
-
-
 def pick_lang(code: str | None) -> str:
     """`zh`, `zh-CN`, `zh_TW`, `zh-hans` → zh; anything else → en."""
     if code and code.strip().lower().replace("_", "-").split("-")[0] == "zh":
@@ -362,7 +358,7 @@ def t(lang: str, key: str, /, **params: Any) -> str:
     if template is None:
         return key
     try:
-        return _formatter.vformat(template, (), _Params(params))
+        return template.format_map(_Params(params))
     except (ValueError, IndexError, AttributeError, KeyError):
         return template
 
