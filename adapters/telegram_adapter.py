@@ -25,17 +25,19 @@ from telegram import BotCommand, Message, Update
 from telegram.constants import ChatType, UpdateType
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import (
-    AIORateLimiter,
     Application,
     ApplicationBuilder,
+    BaseRateLimiter,
     CallbackQueryHandler,
     ContextTypes,
     MessageHandler,
     filters,
 )
 
+from adapters.telegram_budget import SendBudget
 from adapters.telegram_buttons import ButtonPresses, cancel_button
 from adapters.telegram_delivery import Delivery
+from adapters.telegram_http import AiohttpRequest
 from adapters.telegram_input import AskKind, fetch_reference, read_message
 from adapters.telegram_send import Buttons, Sender, place_of
 from adapters.telegram_status import ChatStatus
@@ -75,7 +77,7 @@ class TelegramAdapter:
         edit_interval: float = 3.0,
         action_interval: float = 4.5,
         reference_max_bytes: int = REFERENCE_MAX_BYTES,
-        rate_limiter: AIORateLimiter | None = None,
+        rate_limiter: BaseRateLimiter[Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
@@ -87,12 +89,16 @@ class TelegramAdapter:
         self.clock = clock
         self.errors: deque[BaseException] = deque(maxlen=100)  # handler errors, for tests
         self.api_url = api_url = api_url.rstrip("/")
+        if rate_limiter is None:
+            rate_limiter = SendBudget()
+        budget = rate_limiter if isinstance(rate_limiter, SendBudget) else None
         builder = (
             ApplicationBuilder()
             .token(token)
             .base_url(f"{api_url}/bot")
             .base_file_url(f"{api_url}/file/bot")
-            .rate_limiter(rate_limiter or AIORateLimiter(max_retries=0))
+            .request(AiohttpRequest())
+            .rate_limiter(rate_limiter)
             .concurrent_updates(True)
         )
         if webhook_url:
@@ -101,7 +107,7 @@ class TelegramAdapter:
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         self.app.add_handler(CallbackQueryHandler(self._on_callback))
         self.app.add_error_handler(self._on_error)
-        self.sender = Sender(self.app.bot, clock)
+        self.sender = Sender(self.app.bot, clock, budget)
         self.board = ChatStatus(
             self.sender,
             self.engine.attach_status_message,

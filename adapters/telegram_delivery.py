@@ -16,6 +16,7 @@ from typing import Literal
 from telegram import Message
 from telegram.error import BadRequest, Forbidden, TelegramError
 
+from adapters.telegram_budget import Priority
 from adapters.telegram_send import Buttons, Place, Sender, fit_text
 from bot.commands import escape_html
 from bot.errors import DeliveryError
@@ -118,6 +119,7 @@ class Delivery:
                 thread_id=place.thread_id,
                 reply_to=ids[0],
                 buttons=buttons,
+                priority=Priority.RESULT,
             )
             ids.append(message.message_id)
         except TelegramError as exc:  # the images are out; the buttons are a convenience

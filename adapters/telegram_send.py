@@ -1,10 +1,12 @@
 """Every Bot API call the Telegram adapter makes: the send budget, migrated groups, retries.
 
-Telegram's flood limits are one budget for acks, status edits and results (DESIGN rule 6). PTB's
-`AIORateLimiter` queues calls to stay inside it; on top of that this module keeps its own picture
-of each chat's budget, so that a *droppable* call (a progress edit, a chat action) is skipped when
-the chat is busy instead of queueing in front of a result. Essential calls retry a 429 after its
-`retry_after` (through the limiter); droppable calls never wait for one.
+Telegram's flood limits are one budget for acks, status edits and results (DESIGN rule 6). The
+adapter's rate limiter, `telegram_budget.SendBudget`, admits calls by priority within it: every
+call here says what it is for (a result, a reply, an ack, a final or a progress edit). A
+*droppable* call (a progress edit, a chat action) is skipped when the budget has no room instead
+of queueing in front of a result. Essential calls retry a 429 after its `retry_after` (through the
+limiter); droppable calls never wait for one. With another PTB rate limiter (say `AIORateLimiter`)
+the sender keeps its own picture of each chat's budget for those decisions.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, ChatMigrated, RetryAfter
 from telegram.ext import ExtBot
 
+from adapters.telegram_budget import Priority, SendBudget, Ticket, call_context
 from bot.jobs import Target
 
 log = logging.getLogger("drawbridge.telegram")
@@ -108,9 +111,15 @@ class Sender:
     PRIVATE = (5.0, 5.0, 2.0)
     OVERALL = (30.0, 1.0, 10.0)
 
-    def __init__(self, bot: ExtBot[Any], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        bot: ExtBot[Any],
+        clock: Callable[[], float] = time.monotonic,
+        budget: SendBudget | None = None,
+    ) -> None:
         self.bot = bot
         self.clock = clock
+        self.budget = budget
         self.migrated: dict[int, int] = {}
         self._buckets: dict[int, Bucket] = {}
         self._overall = Bucket(self.OVERALL[0], self.OVERALL[1], clock)
@@ -132,27 +141,41 @@ class Sender:
                 self._buckets[chat_id] = bucket
         return bucket
 
-    def has_room(self, chat_id: int) -> bool:
-        """Whether a droppable call to this chat fits without delaying anything that matters."""
+    def has_room(self, chat_id: int, priority: Priority = Priority.PROGRESS) -> bool:
+        """Whether a deferrable call to this chat fits without delaying anything that matters."""
         chat = self.chat(chat_id)
         reserve = (self.GROUP if chat < 0 else self.PRIVATE)[2]
-        return self._bucket(chat).room() > reserve and self._overall.room() > self.OVERALL[2]
+        if self._bucket(chat).room() <= reserve:
+            return False
+        if self.budget is not None:
+            return self.budget.has_room(chat, priority)
+        return self._overall.room() > self.OVERALL[2]
 
     async def call(
-        self, chat_id: int, send: Callable[[int], Awaitable[T]], *, message: bool = True
+        self,
+        chat_id: int,
+        send: Callable[[int], Awaitable[T]],
+        *,
+        message: bool = True,
+        priority: Priority = Priority.REPLY,
+        ticket: Ticket | None = None,
     ) -> T:
-        """Run `send(chat)`, spending the chat's budget and following a migrated group.
+        """Run `send(chat)` at `priority`, spending the chat's budget, following a migrated group.
 
         Calls that post no message (chat actions, deletes) are not held against a private chat,
-        but PTB's limiter counts everything in a group, so there they are.
+        but PTB's limiter counts everything in a group, so there they are. A `ticket` lets the
+        caller withdraw the call while it waits for the budget (`telegram_budget.Withdrawn`).
         """
         chat = self.chat(chat_id)
+        if ticket is not None and self.budget is None:
+            ticket.admitted = True  # another rate limiter: nothing can be withdrawn
         for _ in range(3):
             if message or chat < 0:
                 self._bucket(chat).spend()
             self._overall.spend()
             try:
-                return await send(chat)
+                with call_context(priority, ticket):
+                    return await send(chat)
             except ChatMigrated as exc:
                 log.info("chat %s moved to %s", chat, exc.new_chat_id)
                 self.migrated[chat_id] = self.migrated[chat] = exc.new_chat_id
@@ -183,6 +206,8 @@ class Sender:
         thread_id: int | None = None,
         reply_to: int | None = None,
         buttons: Buttons = (),
+        priority: Priority = Priority.REPLY,
+        ticket: Ticket | None = None,
     ) -> Message:
         return await self.call(
             chat_id,
@@ -194,13 +219,28 @@ class Sender:
                 reply_markup=self.markup(buttons),
                 rate_limit_args=ESSENTIAL_RETRIES,
             ),
+            priority=priority,
+            ticket=ticket,
         )
 
     async def edit_text(
-        self, chat_id: int, message_id: int, text: str, buttons: Buttons, *, essential: bool
+        self,
+        chat_id: int,
+        message_id: int,
+        text: str,
+        buttons: Buttons,
+        *,
+        essential: bool,
+        priority: Priority | None = None,
     ) -> None:
-        """Edit a message's text; "message is not modified" counts as done."""
+        """Edit a message's text; "message is not modified" counts as done.
+
+        An essential edit retries a 429 and goes at `priority` (`REPLY` unless told); any other
+        is a droppable progress edit.
+        """
         retries = ESSENTIAL_RETRIES if essential else None
+        if priority is None:
+            priority = Priority.REPLY if essential else Priority.PROGRESS
         try:
             await self.call(
                 chat_id,
@@ -211,6 +251,7 @@ class Sender:
                     reply_markup=self.markup(buttons),
                     rate_limit_args=retries,
                 ),
+                priority=priority,
             )
         except BadRequest as exc:
             if not not_modified(exc):
@@ -258,7 +299,7 @@ class Sender:
                 return await self.bot.send_photo(chat, data, **common)
             return await self.bot.send_document(chat, data, **common)
 
-        return await self.call(chat_id, send)
+        return await self.call(chat_id, send, priority=Priority.RESULT)
 
     async def send_album(
         self,
@@ -292,4 +333,5 @@ class Sender:
                 reply_parameters=self._reply(reply_to),
                 rate_limit_args=ESSENTIAL_RETRIES,
             ),
+            priority=Priority.RESULT,
         )

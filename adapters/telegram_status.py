@@ -7,6 +7,13 @@ budget is low. When the result is posted the status message says "done" (an edit
 for room, so results go first); a job whose result comes before its ack was sent posts no ack at
 all. Short answers to one user in one chat that pile up while a send is in flight go out as one
 message.
+
+Acks to one chat are coalesced: while a chat's ack waits for the send budget
+(`telegram_budget.SendBudget`), the acks of further jobs in that chat join it, and it goes as one
+message with a line per job, in the first one's place in the queue. With room in the budget each
+job gets its own ack, as before. A shared message is not edited for progress nor to say "done":
+each job's result says that; a job that fails says so in a message of its own. So at load a burst
+of jobs in one chat costs one call plus their results.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 
+from adapters.telegram_budget import Priority, Ticket, Withdrawn
 from adapters.telegram_send import Buttons, Place, Sender, fit_text, retry_seconds
 from bot.texts import t
 
@@ -44,8 +52,20 @@ class _Line:
     dead: bool = False  # the chat refuses us: stop
     failures: int = 0
     last: float = float("-inf")
+    shared: bool = False  # the message carries other jobs' acks too: not edited
+    ack: tuple[str, Buttons] | None = None  # the text its ack goes with
+    post: _Post | None = None  # the ack on its way
+    posting: asyncio.Future[bool] | None = None  # True once the ack is posted
     task: asyncio.Task[None] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Post:
+    """One ack message on its way, for one job or for several in one chat."""
+
+    lines: list[_Line]
+    ticket: Ticket = field(default_factory=Ticket)
 
 
 @dataclass
@@ -73,6 +93,7 @@ class ChatStatus:
         self.clock = clock
         self._lines: dict[str, _Line] = {}
         self._outboxes: dict[tuple[int, int | None, str | None], _Outbox] = {}
+        self._waiting_acks: dict[tuple[int, int | None], _Post] = {}  # per chat and topic
         self._typing: dict[tuple[int, int | None], set[str]] = {}
         self._typing_keys: dict[str, tuple[int, int | None]] = {}
         self._typing_tasks: dict[tuple[int, int | None], asyncio.Task[None]] = {}
@@ -100,6 +121,8 @@ class ChatStatus:
         line.wanted = (fit_text(text), buttons)
         line.droppable = droppable
         line.final = final
+        if line.post is not None:
+            self._refresh_ack(line.post)  # an ack waiting for the budget takes the newest text
         self._kick(line)
 
     def delivered(
@@ -110,6 +133,8 @@ class ChatStatus:
         line.delivered = line.final = True
         line.droppable = False
         line.wanted = (fit_text(text), ())
+        if line.post is not None:  # an ack still waiting for the budget is not worth sending
+            self._drop_ack(line, line.post)
         self._kick(line)
 
     def _line(self, job_id: str, place: Place, message_id: int | None) -> _Line:
@@ -134,6 +159,10 @@ class ChatStatus:
                     break
                 if line.droppable and self._closing:
                     break
+                if line.shared:
+                    if not line.final or line.delivered:
+                        break  # a shared ack is not edited; the result says "done"
+                    line.message_id, line.shared = None, False  # a failure: a message of its own
                 if line.message_id is None:
                     await self._post(line)
                     continue
@@ -142,7 +171,8 @@ class ChatStatus:
                     break
                 wait = line.last + self.edit_interval - self.clock()
                 deferrable = line.droppable or line.delivered
-                if wait <= 0 and deferrable and not self.sender.has_room(place.chat_id):
+                priority = Priority.PROGRESS if line.droppable else Priority.DONE
+                if wait <= 0 and deferrable and not self.sender.has_room(place.chat_id, priority):
                     # The chat is busy: results go first. A progress edit waits (and is replaced
                     # by a newer one meanwhile); the "done" edit waits for room.
                     wait = self.edit_interval
@@ -155,7 +185,7 @@ class ChatStatus:
             if (
                 line.dead
                 or (line.final and line.wanted == line.shown)
-                or (line.delivered and line.message_id is None)
+                or (line.delivered and (line.message_id is None or line.shared))
             ):
                 self._lines.pop(line.job_id, None)
 
@@ -166,41 +196,122 @@ class ChatStatus:
             await asyncio.wait_for(line.changed.wait(), seconds)
 
     async def _post(self, line: _Line) -> None:
-        assert line.wanted is not None
-        wanted = line.wanted
-        place = line.place
+        """Post the job's first status message, or join the chat's ack that waits for budget."""
+        line.ack = line.wanted
+        posting = line.posting = asyncio.get_running_loop().create_future()
+        key = (line.place.chat_id, line.place.thread_id)
+        waiting = self._waiting_acks.get(key)
         try:
-            message = await self.sender.send_text(
-                place.chat_id,
-                wanted[0],
-                thread_id=place.thread_id,
-                reply_to=place.reply_to,
-                buttons=wanted[1],
-            )
-        except (Forbidden, BadRequest) as exc:
-            log.info("job=%s: status message refused: %s", line.job_id, exc.message)
-            line.dead = True
-            return
-        except TelegramError as exc:
+            if waiting is not None and waiting.ticket.withdraw():
+                # That ack is redone at once, in its place in the queue, for this job too.
+                waiting.lines.append(line)
+                line.post = waiting
+                for other in waiting.lines:
+                    other.ack = other.wanted
+            else:
+                post = line.post = self._waiting_acks[key] = _Post([line])
+                await self._send_post(key, post)
+            posted = await posting
+        finally:
+            line.posting = line.post = None
+        if not posted and not line.dead and not line.delivered:
             line.failures += 1
-            log.info("job=%s: status message not sent (%s)", line.job_id, exc.message)
             line.dead = line.failures >= GIVE_UP_AFTER
             line.last = self.clock()
             await self._pause(line, self.edit_interval)
-            return
-        line.message_id = message.message_id
-        line.place = Place(message.chat_id, place.thread_id, place.reply_to)
-        line.shown = wanted
-        line.last = self.clock()
+
+    @staticmethod
+    def _refresh_ack(post: _Post) -> None:
+        """Redo an ack that waits for the budget with the newest texts, in its place."""
+        if post.ticket.withdraw():
+            for line in post.lines:
+                line.ack = line.wanted
+
+    @staticmethod
+    def _drop_ack(line: _Line, post: _Post) -> None:
+        """The job's ack is no longer wanted: take it out unless it is on its way already."""
+        if line in post.lines and post.ticket.withdraw():
+            post.lines.remove(line)
+            if line.posting is not None and not line.posting.done():
+                line.posting.set_result(False)
+
+    async def _send_post(self, key: tuple[int, int | None], post: _Post) -> None:
+        """Send an ack, redoing it whenever it is withdrawn while it waits for the budget."""
         try:
-            await self.attach(line.job_id, str(message.message_id))
-        except Exception:
-            log.warning("job=%s: status message id not recorded", line.job_id, exc_info=True)
+            while post.lines:
+                lines = list(post.lines)
+                ticket = post.ticket
+                first = lines[0]
+                if len(lines) == 1:
+                    assert first.ack is not None
+                    text, buttons = first.ack
+                else:
+                    text = fit_text("\n".join(line.ack[0] for line in lines if line.ack))
+                    buttons = ()
+                outcome = any(line.final and not line.delivered for line in lines)
+                try:
+                    message = await self.sender.send_text(
+                        key[0],
+                        text,
+                        thread_id=key[1],
+                        reply_to=first.place.reply_to,
+                        buttons=buttons,
+                        priority=Priority.REPLY if outcome else Priority.ACK,
+                        ticket=ticket,
+                    )
+                except Withdrawn:
+                    if ticket.withdrawn:  # redone with the jobs and texts wanted now
+                        post.ticket = Ticket(ticket.seq)
+                    else:  # the adapter is closing
+                        self._end_post(post, lines, dead=True)
+                    continue
+                except (Forbidden, BadRequest) as exc:
+                    log.info("chat %s: status message refused: %s", key[0], exc.message)
+                    self._end_post(post, lines, dead=True)
+                    continue
+                except TelegramError as exc:
+                    log.info("chat %s: status message not sent (%s)", key[0], exc.message)
+                    self._end_post(post, lines, dead=False)
+                    continue
+                for line in lines:
+                    line.message_id = message.message_id
+                    line.place = Place(message.chat_id, line.place.thread_id, line.place.reply_to)
+                    line.shared = len(lines) > 1
+                    line.shown = line.ack
+                    line.last = self.clock()
+                self._end_post(post, lines, dead=False, posted=True)
+                if len(lines) == 1:  # a shared message is not the job's own to edit later
+                    try:
+                        await self.attach(first.job_id, str(message.message_id))
+                    except Exception:
+                        log.warning(
+                            "job=%s: status message id not recorded", first.job_id, exc_info=True
+                        )
+        finally:
+            if self._waiting_acks.get(key) is post:
+                del self._waiting_acks[key]
+
+    @staticmethod
+    def _end_post(post: _Post, lines: list[_Line], *, dead: bool, posted: bool = False) -> None:
+        for line in lines:
+            if line in post.lines:
+                post.lines.remove(line)
+            line.dead = line.dead or dead
+            if line.posting is not None and not line.posting.done():
+                line.posting.set_result(posted)
 
     async def _edit(self, line: _Line) -> None:
         assert line.wanted is not None and line.message_id is not None
         wanted = line.wanted
         line.last = self.clock()
+        if line.droppable:
+            priority = Priority.PROGRESS
+        elif line.delivered:
+            priority = Priority.DONE  # the result said it already: when the budget is idle
+        elif line.final:
+            priority = Priority.REPLY  # the job's outcome (failed, cancelled): it must be heard
+        else:
+            priority = Priority.ACK
         try:
             await self.sender.edit_text(
                 line.place.chat_id,
@@ -208,6 +319,7 @@ class ChatStatus:
                 wanted[0],
                 wanted[1],
                 essential=not line.droppable,
+                priority=priority,
             )
         except RetryAfter as exc:
             line.last = self.clock() + retry_seconds(exc)  # a newer text may replace this one

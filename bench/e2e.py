@@ -1,0 +1,285 @@
+"""Makespan efficiency end to end: /imagine in Telegram → GrsAI → photo back in the chat.
+
+    .venv/bin/python -m bench.e2e            # N=300 U=60 L=2 C=50, then N=2000 U=400 L=1 C=200
+    .venv/bin/python -m bench.e2e --quick    # N=100 U=20 L=1 C=25
+    .venv/bin/python -m bench.e2e --jobs 300 --users 60 --latency 2 --concurrency 50
+
+The bot is the real one: `bot.app.open_core` with settings from `load_settings` (a durable SQLite
+store in a temp dir under the working directory, the real GrsAI client in stream mode) served by
+`bot.app.serve` with the real `TelegramAdapter` (python-telegram-bot, long polling). It talks to
+the loopback fake Bot API, flood limits on (30 calls a second overall), and to the loopback fake
+GrsAI, whose every task streams for L seconds; both fakes run in a process of their own
+(`bench.fakehost`). N `/imagine` commands from U users (each a private chat) are pushed at once;
+the makespan runs from the first push to the arrival of the last photo at the fake Bot API.
+
+Beside it, on the same fake GrsAI, the naive batch client of the seed article: aiohttp, an
+`asyncio.Semaphore(C)` and `asyncio.gather`, calling the draw API directly and downloading each
+result, with no chat at all. Its makespan runs from its first request to its last download.
+
+efficiency = ceil(N/C)·L / makespan. A bot also has to post N photos within Telegram's budget of
+30 messages a second, which alone can take longer than ceil(N/C)·L; the table gives that bound
+(a leaky bucket of 30, photos only, each released when its wave of C jobs ends) and the
+efficiency against max(ideal, send bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from bench.botrig import running_bot
+from bench.fakehost import POSTS, RESULTS, CallRecord, FakeHost
+
+SEND_RATE = 30.0  # Telegram: messages a second, all chats together (the fake's leaky bucket)
+SEND_BURST = 30.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    jobs: int
+    users: int
+    latency: float
+    concurrency: int
+
+    @property
+    def ideal(self) -> float:
+        return math.ceil(self.jobs / self.concurrency) * self.latency
+
+    @property
+    def label(self) -> str:
+        return f"N={self.jobs} U={self.users} L={self.latency:g}s C={self.concurrency}"
+
+
+@dataclass
+class Outcome:
+    makespan: float
+    done: int
+    extra: dict[str, float] = field(default_factory=dict)
+    methods: Counter[str] = field(default_factory=Counter)
+
+
+def send_bound(
+    jobs: int,
+    concurrency: int,
+    latency: float,
+    rate: float = SEND_RATE,
+    burst: float = SEND_BURST,
+) -> float:
+    """The earliest the last photo can arrive: waves of C results every L s through the bucket."""
+    level, stamp, t = 0.0, 0.0, 0.0
+    for i in range(jobs):
+        ready = (i // concurrency + 1) * latency
+        t = max(t, ready)
+        level = max(0.0, level - (t - stamp) * rate)
+        if level + 1 > burst:
+            t += (level + 1 - burst) / rate
+            level = burst - 1
+        stamp = t
+        level += 1
+    return t
+
+
+# ---- the naive batch client -----------------------------------------------------------------
+
+
+async def naive_client(
+    base_url: str, api_key: str, scenario: Scenario, connector_limit: int | None
+) -> Outcome:
+    """The seed article's batch script: Semaphore(C) + gather, stream mode, download each image."""
+    sem = asyncio.Semaphore(scenario.concurrency)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    limit = scenario.concurrency if connector_limit is None else connector_limit
+    done = 0
+    last = 0.0
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        nonlocal done, last
+        async with sem:
+            body = {"model": "nano-banana", "prompt": f"a fox number {i}", "aspectRatio": "1:1"}
+            url = None
+            async with session.post(
+                f"{base_url}/v1/draw/nano-banana", json=body, headers=headers
+            ) as resp:
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    task = json.loads(line[5:])
+                    if task.get("status") == "succeeded":
+                        url = task["results"][0]["url"]
+                    if task.get("status") in ("succeeded", "failed"):
+                        break
+            if url is None:
+                return
+            async with session.get(url) as resp:
+                await resp.read()
+            done += 1
+            last = time.monotonic()
+
+    connector = aiohttp.TCPConnector(limit=limit)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        start = time.monotonic()
+        await asyncio.gather(*(one(session, i) for i in range(scenario.jobs)))
+    return Outcome(last - start, done)
+
+
+# ---- the bot --------------------------------------------------------------------------------
+
+
+async def bot_run(host: FakeHost, scenario: Scenario, within: float, quiet: float = 3.5) -> Outcome:
+    """The real bot against the fakes; the makespan the fake Bot API saw.
+
+    After the last result, the calls are counted until the bot has been `quiet` for that long.
+    """
+    env = {
+        "GRSAI_API_KEY": host.api_key,
+        "GRSAI_BASE_URL": host.grsai_url,
+        "GRSAI_MODE": "stream",
+        "DEFAULT_MODEL": "nano-banana",
+        "CONCURRENCY": str(scenario.concurrency),
+        "QUEUE_MAX": str(max(200, scenario.jobs)),
+        "MAX_PENDING_PER_USER": str(scenario.jobs),
+    }
+    async with running_bot(host, env) as adapter:
+        messages = [
+            (1000 + i % scenario.users, f"/imagine a fox number {i}") for i in range(scenario.jobs)
+        ]
+        stamps = await host.push(messages)
+        finished = await host.wait_results(scenario.jobs, within)
+        calls = await host.calls()
+        # The "done" edits wait for an idle budget, so they come after the last photo: let them
+        # go out (until the bot is quiet for a few seconds) so the counts show a job's full cost.
+        tail = calls
+        for _ in range(30 if quiet > 0 else 0):
+            await asyncio.sleep(0.5)
+            later = await host.calls()
+            if len(later) == len(tail) and later and later[-1].at < time.monotonic() - quiet:
+                break
+            tail = later
+        errors = list(adapter.errors)
+    if errors:
+        print(f"  ! {len(errors)} handler errors, first: {errors[0]!r}")
+    if not finished:
+        print(f"  ! the bot did not post {scenario.jobs} results within {within:g} s")
+    results = [c for c in calls if c.ok and c.method in RESULTS]
+    makespan = max(c.at for c in results) - stamps[0] if results and finished else math.inf
+    outcome = Outcome(makespan, len(results))
+    outcome.methods = Counter(c.method for c in tail if c.ok)
+    outcome.extra = {
+        "429s": float(sum(1 for c in tail if c.code == 429)),
+        "errors": float(sum(1 for c in tail if not c.ok and c.code != 429)),
+        "first_post_p50": _first_post_p50(calls, stamps, messages),
+        "handler_errors": float(len(errors)),
+    }
+    return outcome
+
+
+def _first_post_p50(
+    calls: Sequence[CallRecord], stamps: Sequence[float], messages: Sequence[tuple[int, str]]
+) -> float:
+    pushed: dict[int, float] = {}
+    for (chat, _), at in zip(messages, stamps, strict=True):
+        pushed.setdefault(chat, at)
+    first: dict[int, float] = {}
+    for c in calls:
+        if c.ok and c.method in POSTS and c.chat_id is not None and c.chat_id not in first:
+            first[c.chat_id] = c.at - pushed.get(c.chat_id, c.at)
+    values = sorted(first.values())
+    return values[len(values) // 2] if values else math.nan
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+
+async def run_scenario(scenario: Scenario, connector_limit: int | None) -> list[str]:
+    lines = [f"\n{scenario.label}"]
+    async with FakeHost(latency=scenario.latency) as host:
+        gc.collect()  # each side starts without the other's garbage
+        naive = await naive_client(host.grsai_url, host.api_key, scenario, connector_limit)
+        gc.collect()
+        within = 4 * scenario.ideal + 2 * scenario.jobs / SEND_RATE + 60
+        bot = await bot_run(host, scenario, within)
+        counts = await host.grsai_counts()
+    ideal = scenario.ideal
+    bound = send_bound(scenario.jobs, scenario.concurrency, scenario.latency)
+    floor = max(ideal, bound)
+    lines.append(f"  ideal ceil(N/C)·L            {ideal:9.2f} s")
+    lines.append(
+        f"  send bound (photos @ {SEND_RATE:g}/s)   {bound:9.2f} s"
+        f"   → floor max(ideal, bound) {floor:.2f} s"
+    )
+    lines.append(
+        f"  {'client':<28} {'done':>6} {'makespan':>10} {'eff (ideal)':>12} {'eff (floor)':>12}"
+    )
+    for name, r, bounded in (
+        ("naive batch (no chat)", naive, False),
+        ("drawbridge via Telegram", bot, True),
+    ):
+        vs_floor = f"{floor / r.makespan:>12.3f}" if bounded else f"{'-':>12}"
+        lines.append(
+            f"  {name:<28} {r.done:>6} {r.makespan:>9.2f}s {ideal / r.makespan:>12.3f} {vs_floor}"
+        )
+    posts = sum(bot.methods[m] for m in ("sendMessage", "sendPhoto", "sendMediaGroup"))
+    counted = posts + bot.methods["editMessageText"] + bot.methods["sendDocument"]
+    lines.append(
+        f"  bot's Bot API calls (to the last edit): {dict(sorted(bot.methods.items()))}; "
+        f"{counted / scenario.jobs:.2f} counted calls a job; "
+        f"429s {bot.extra['429s']:.0f}, other errors {bot.extra['errors']:.0f}"
+    )
+    lines.append(
+        f"  first message in a chat, p50 {bot.extra['first_post_p50']:.2f} s; "
+        f"GrsAI submits {counts['submits']} (naive {naive.done} + bot {bot.done})"
+    )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="one small run: N=100 U=20 L=1 C=25")
+    p.add_argument("--jobs", type=int)
+    p.add_argument("--users", type=int)
+    p.add_argument("--latency", type=float)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument(
+        "--naive-connector-limit",
+        type=int,
+        help="aiohttp connection limit of the naive client (default: C, so the semaphore rules; "
+        "aiohttp's own default is 100)",
+    )
+    args = p.parse_args(argv)
+    if args.jobs is not None:
+        scenarios = [
+            Scenario(
+                args.jobs,
+                args.users or max(1, args.jobs // 5),
+                args.latency if args.latency is not None else 1.0,
+                args.concurrency or 50,
+            )
+        ]
+    elif args.quick:
+        scenarios = [Scenario(100, 20, 1.0, 25)]
+    else:
+        scenarios = [Scenario(300, 60, 2.0, 50), Scenario(2000, 400, 1.0, 200)]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    print(
+        "makespan efficiency: real bot through Telegram vs the naive batch client, same fake GrsAI"
+    )
+    for scenario in scenarios:
+        for line in asyncio.run(run_scenario(scenario, args.naive_connector_limit)):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
