@@ -253,7 +253,8 @@ class Engine(OperatorControls):
         )
 
     async def jobs(self, user: UserRef, limit: int = 10) -> list[Job]:
-        return await self.store.recent_jobs(user, limit)
+        """A user's latest jobs; live ones as the engine holds them (their row may lag a bit)."""
+        return [self._jobs.get(job.id, job) for job in await self.store.recent_jobs(user, limit)]
 
     def position(self, job_id: str) -> int:
         return self._queue.position(job_id)

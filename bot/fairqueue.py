@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -14,12 +15,22 @@ class FairQueue:
     Pop order: the user at the head of the rotation gives up their oldest job and moves to the
     back; a user who arrives later joins the back of the rotation. The durable copy of the queue
     is the `jobs` table; this is rebuilt from it on start.
+
+    Positions in O(log users): a job at depth d in its user's line starts after every job at a
+    smaller depth (Σ_{k<d} users with more than k jobs) and after the depth-d jobs of the users
+    ahead of its own in the rotation. Each user carries a stamp that orders the rotation (moved
+    to the back, a user gets a new, larger one); `_levels[k]` keeps the sorted stamps of users
+    with more than k jobs, so both counts are a len() and a bisect.
     """
 
     def __init__(self) -> None:
         self._by_user: dict[str, deque[Job]] = {}
         self._rotation: deque[str] = deque()
         self._owner: dict[str, str] = {}
+        self._stamp: dict[str, int] = {}
+        self._levels: list[list[int]] = []
+        self._back = 0
+        self._front = 0
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -39,28 +50,38 @@ class FairQueue:
             jobs = self._by_user[key] = deque()
             if front:
                 self._rotation.appendleft(key)
+                self._front -= 1
+                self._stamp[key] = self._front
             else:
                 self._rotation.append(key)
+                self._stamp[key] = self._back
+                self._back += 1
+        else:
+            key = self._owner[jobs[0].id]  # one key string per user, not one per job
         if front:
             jobs.appendleft(job)
         else:
             jobs.append(job)
         self._owner[job.id] = key
+        self._join(key, len(jobs) - 1, len(jobs))
 
     def pop(self, ready: Callable[[Job], bool] | None = None) -> Job | None:
         """The next job in turn whose `ready(job)` holds (say, its provider has a free slot)."""
         for _ in range(len(self._rotation)):
             key = self._rotation[0]
             jobs = self._by_user[key]
+            n = len(jobs)
             if ready is None or ready(jobs[0]):
                 job = jobs.popleft()
                 del self._owner[job.id]
+                self._to_back(key, n, n - 1)
                 if jobs:
                     self._rotation.rotate(-1)
                 else:
                     self._rotation.popleft()
                     del self._by_user[key]
                 return job
+            self._to_back(key, n, n)
             self._rotation.rotate(-1)
         return None
 
@@ -69,6 +90,7 @@ class FairQueue:
         if key is None:
             return None
         jobs = self._by_user[key]
+        self._leave(key, len(jobs) - 1, len(jobs))
         for job in jobs:
             if job.id == job_id:
                 jobs.remove(job)
@@ -78,6 +100,7 @@ class FairQueue:
         if not jobs:
             del self._by_user[key]
             self._rotation.remove(key)
+            del self._stamp[key]
         return job
 
     def position(self, job_id: str) -> int:
@@ -90,16 +113,30 @@ class FairQueue:
             depth = len(mine) - 1
         else:
             depth = next(i for i, job in enumerate(mine) if job.id == job_id)
-        if depth == 0:
-            # Each user ahead in the rotation starts one job first; nobody behind does.
-            return self._rotation.index(key) + 1
-        ahead = 0
-        before = True
-        for other in self._rotation:
-            if other == key:
-                ahead += depth
-                before = False
-                continue
-            # Users ahead of ours in the rotation get depth + 1 turns before this job; later ones, depth.
-            ahead += min(len(self._by_user[other]), depth + 1 if before else depth)
-        return ahead + 1
+        earlier = sum(len(self._levels[k]) for k in range(depth))
+        return earlier + bisect.bisect_left(self._levels[depth], self._stamp[key]) + 1
+
+    # ---- the position index ----------------------------------------------------------------
+
+    def _join(self, key: str, first: int, upto: int) -> None:
+        stamp = self._stamp[key]
+        for k in range(first, upto):
+            if k == len(self._levels):
+                self._levels.append([])
+            bisect.insort(self._levels[k], stamp)
+
+    def _leave(self, key: str, first: int, upto: int) -> None:
+        stamp = self._stamp[key]
+        for k in range(first, upto):
+            level = self._levels[k]
+            del level[bisect.bisect_left(level, stamp)]
+
+    def _to_back(self, key: str, before: int, after: int) -> None:
+        """The user at the front moves to the back, its line going from `before` to `after`."""
+        self._leave(key, 0, before)
+        if after:
+            self._stamp[key] = self._back
+            self._back += 1
+            self._join(key, 0, after)
+        else:
+            del self._stamp[key]
