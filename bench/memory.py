@@ -5,7 +5,7 @@ are delivered.
     .venv/bin/python -m bench.memory --skip images --queued 10000 --users 100,3334
     .venv/bin/python -m bench.memory --skip queued --images 50 --image-mb 8 --upload 2
     .venv/bin/python -m bench.memory --skip images --users 3334 \
-        --variants baseline,share-keys,share-day,share-options,list-lines,indexed-position
+        --variants baseline,share-keys,share-day,share-options,list-lines
 
 Both run the real engine on a real, durable SQLite store in a temp dir under the working
 directory, as `bench.engine` does. Every measurement runs in a fresh child process of its own
@@ -30,8 +30,6 @@ proposed for bot/:
     share-day     Quotas.day_of hands out one shared string per day, not one per job
     share-options jobs share one Options object per distinct (ratio, n, size, seed)
     list-lines    FairQueue keeps each user's line in a list, not a 760-byte deque
-    indexed-position  FairQueue.position in O(log users) (submit/s, not memory: today's loop
-                  over every user is what caps submits when thousands of users queue)
     drop-images   the generated image bytes are let go once stored, before delivery
     mmap-threshold  glibc's mmap threshold fixed at 1 MiB (mallopt), so big buffers are
                   mmapped and go back to the OS when freed
@@ -41,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import contextlib
 import ctypes
 import gc
@@ -50,7 +47,6 @@ import json
 import linecache
 import math
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -68,7 +64,6 @@ from bot.fairqueue import FairQueue
 from bot.jobs import (
     GeneratedImage,
     Job,
-    JobStatus,
     Options,
     Request,
     StoredImage,
@@ -261,154 +256,6 @@ def _list_lines() -> None:
     setattr(bot.engine, "FairQueue", ListLinesFairQueue)  # noqa: B010
 
 
-class IndexedFairQueue(FairQueue):
-    """FairQueue whose position() is O(log users) instead of a Python loop over every user.
-
-    Pop order is by (depth in the user's line, the user's place in the rotation), so a job at
-    depth d starts after every job at a smaller depth, Σ_{k<d} (users with more than k jobs),
-    and after the depth-d jobs of users ahead of its own in the rotation. Each user carries a
-    stamp that orders the rotation (a user moved to the back gets a new, larger one); per depth
-    k, `_levels[k]` holds the sorted stamps of users with more than k jobs, so both counts are
-    a len() and a bisect. Same results as FairQueue.position (checked by `_check_indexed`).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._stamp: dict[str, int] = {}
-        self._levels: list[list[int]] = []
-        self._back = 0
-        self._front = 0
-
-    def _join(self, key: str, first: int, upto: int) -> None:
-        stamp = self._stamp[key]
-        for k in range(first, upto):
-            if k == len(self._levels):
-                self._levels.append([])
-            bisect.insort(self._levels[k], stamp)
-
-    def _leave(self, key: str, first: int, upto: int) -> None:
-        stamp = self._stamp[key]
-        for k in range(first, upto):
-            level = self._levels[k]
-            del level[bisect.bisect_left(level, stamp)]
-
-    def _to_back(self, key: str, before: int, after: int) -> None:
-        """The user at the front moves to the back, its line going from `before` to `after`."""
-        self._leave(key, 0, before)
-        if after:
-            self._stamp[key] = self._back
-            self._back += 1
-            self._join(key, 0, after)
-        else:
-            del self._stamp[key]
-
-    def push(self, job: Job, *, front: bool = False) -> None:
-        key = str(job.user)
-        if key not in self._by_user:
-            if front:
-                self._front -= 1
-                self._stamp[key] = self._front
-            else:
-                self._stamp[key] = self._back
-                self._back += 1
-        super().push(job, front=front)
-        n = len(self._by_user[key])
-        self._join(key, n - 1, n)
-
-    def pop(self, ready: Callable[[Job], bool] | None = None) -> Job | None:
-        for _ in range(len(self._rotation)):
-            key = self._rotation[0]
-            jobs = self._by_user[key]
-            n = len(jobs)
-            if ready is None or ready(jobs[0]):
-                job = jobs.popleft()
-                del self._owner[job.id]
-                self._to_back(key, n, n - 1)
-                if jobs:
-                    self._rotation.rotate(-1)
-                else:
-                    self._rotation.popleft()
-                    del self._by_user[key]
-                return job
-            self._to_back(key, n, n)
-            self._rotation.rotate(-1)
-        return None
-
-    def remove(self, job_id: str) -> Job | None:
-        key = self._owner.get(job_id)
-        if key is None:
-            return None
-        n = len(self._by_user[key])
-        self._leave(key, n - 1, n)
-        job = super().remove(job_id)
-        if key not in self._by_user:
-            del self._stamp[key]
-        return job
-
-    def position(self, job_id: str) -> int:
-        key = self._owner.get(job_id)
-        if key is None:
-            return 0
-        mine = self._by_user[key]
-        if mine[-1].id == job_id:
-            depth = len(mine) - 1
-        else:
-            depth = next(i for i, job in enumerate(mine) if job.id == job_id)
-        earlier = sum(len(self._levels[k]) for k in range(depth))
-        return earlier + bisect.bisect_left(self._levels[depth], self._stamp[key]) + 1
-
-
-def _check_indexed(rounds: int = 3000, seed: int = 7) -> None:
-    """IndexedFairQueue gives FairQueue's pop order and positions on a random workload."""
-    rng = random.Random(seed)
-    plain, indexed = FairQueue(), IndexedFairQueue()
-    for i in range(rounds):
-        roll = rng.random()
-        if roll < 0.55:
-            job = _probe_job(f"j{i}", f"u{rng.randrange(40)}")
-            front = rng.random() < 0.05
-            plain.push(job, front=front)
-            indexed.push(job, front=front)
-        elif roll < 0.85:
-            busy = f"u{rng.randrange(40)}"
-
-            def ready(job: Job, busy: str = busy) -> bool:
-                return job.user.user_id != busy
-
-            a, b = plain.pop(ready), indexed.pop(ready)
-            assert (a and a.id) == (b and b.id), (a, b)
-        elif len(plain):
-            victim = rng.choice([job.id for job in plain])
-            plain.remove(victim)
-            indexed.remove(victim)
-        if i % 10 == 0:
-            for job in plain:
-                assert plain.position(job.id) == indexed.position(job.id), job.id
-
-
-def _probe_job(job_id: str, user: str) -> Job:
-    return Job(
-        id=job_id,
-        user=UserRef("t", user),
-        target=Target("t", chat_id=user),
-        prompt="p",
-        model="demo",
-        provider="demo",
-        options=Options(),
-        status=JobStatus.QUEUED,
-        lang="en",
-        day="d",
-        created_at=0.0,
-    )
-
-
-def _indexed_position() -> None:
-    import bot.engine
-
-    _check_indexed()
-    setattr(bot.engine, "FairQueue", IndexedFairQueue)  # noqa: B010
-
-
 def _drop_images() -> None:
     settle = Engine._settle
 
@@ -438,7 +285,6 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "share-day": _share_day,
     "share-options": _share_options,
     "list-lines": _list_lines,
-    "indexed-position": _indexed_position,
     "drop-images": _drop_images,
     "mmap-threshold": _mmap_threshold,
 }
