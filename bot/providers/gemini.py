@@ -31,7 +31,13 @@ from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refus
 from bot.images import MAX_IMAGE_BYTES, sniff_mime
 from bot.jobs import GeneratedImage
 from bot.providers.base import GenerationRequest, JobHooks
-from bot.providers.http import decode_base64_image, new_session, parse_retry_after, status_error
+from bot.providers.http import (
+    decode_base64_image,
+    new_session,
+    parse_retry_after,
+    read_capped,
+    status_error,
+)
 
 log = logging.getLogger("drawbridge.providers.gemini")
 
@@ -190,15 +196,7 @@ class GeminiProvider:
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         # The body carries the image as base64, plus possibly interim "thought" images.
-        cap = self.max_image_bytes * 3 + 1_000_000
-        if resp.content_length is not None and resp.content_length > cap:
-            raise Transient(f"gemini: the answer is {resp.content_length} bytes, over the cap")
-        data = bytearray()
-        async for chunk in resp.content.iter_chunked(65536):
-            data += chunk
-            if len(data) > cap:
-                raise Transient("gemini: the answer is over the size cap")
-        return bytes(data)
+        return await read_capped(resp, self.max_image_bytes * 3 + 1_000_000, "gemini: the answer")
 
     # -- response --------------------------------------------------------------------------
 

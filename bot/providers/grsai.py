@@ -31,7 +31,14 @@ from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refus
 from bot.images import MAX_IMAGE_BYTES, parse_ratio, ratio_size
 from bot.jobs import GeneratedImage
 from bot.providers.base import GenerationRequest, JobHooks
-from bot.providers.http import data_uri, download, new_session, parse_retry_after, status_error
+from bot.providers.http import (
+    data_uri,
+    download,
+    new_session,
+    parse_retry_after,
+    read_capped,
+    status_error,
+)
 
 log = logging.getLogger("drawbridge.providers.grsai")
 
@@ -223,7 +230,7 @@ class GrsaiProvider:
                 url, json=self._body(request, None), headers=self._headers(), timeout=timeout
             ) as resp:
                 if resp.status >= 400:
-                    raw = await _read_capped(resp.content)
+                    raw = await read_capped(resp, MAX_BODY_BYTES, "GrsAI's answer")
                     raise self._error(resp.status, _parse_object(raw), resp.headers)
                 async for obj in _json_objects(resp.content):
                     if obj is None:
@@ -395,7 +402,7 @@ class GrsaiProvider:
             async with session.post(
                 self.base_url + path, json=body, headers=self._headers(), timeout=timeout
             ) as resp:
-                raw = await _read_capped(resp.content)
+                raw = await read_capped(resp, MAX_BODY_BYTES, "GrsAI's answer")
                 status, headers = resp.status, resp.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Transient(f"GrsAI call failed ({exc.__class__.__name__})") from None
@@ -502,15 +509,6 @@ def _parse_object(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return obj if isinstance(obj, dict) else None
-
-
-async def _read_capped(content: aiohttp.StreamReader, cap: int = MAX_BODY_BYTES) -> bytes:
-    data = bytearray()
-    async for chunk in content.iter_chunked(65536):
-        data += chunk
-        if len(data) > cap:
-            raise Transient("GrsAI sent an oversized answer")
-    return bytes(data)
 
 
 async def _json_objects(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any] | None]:

@@ -80,16 +80,22 @@ async def download(
                 raise status_error(
                     resp.status, f"result download: HTTP {resp.status}", resp.headers
                 )
-            if resp.content_length is not None and resp.content_length > max_bytes:
-                raise Transient(f"the result is {resp.content_length} bytes, over the cap")
-            data = bytearray()
-            async for chunk in resp.content.iter_chunked(65536):
-                data += chunk
-                if len(data) > max_bytes:
-                    raise Transient("the result is over the size cap")
+            data = await read_capped(resp, max_bytes, "the result")
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise Transient(f"result download failed ({exc.__class__.__name__})") from None
-    return verify_image(bytes(data), max_bytes)
+    return verify_image(data, max_bytes)
+
+
+async def read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> bytes:
+    """A response body, refused (as a retryable failure) once it passes `cap` bytes."""
+    if resp.content_length is not None and resp.content_length > cap:
+        raise Transient(f"{what} is {resp.content_length} bytes, over the cap")
+    data = bytearray()
+    async for chunk in resp.content.iter_chunked(65536):
+        data += chunk
+        if len(data) > cap:
+            raise Transient(f"{what} is over the size cap")
+    return bytes(data)
 
 
 def decode_base64_image(data: str, max_bytes: int = MAX_IMAGE_BYTES) -> GeneratedImage:

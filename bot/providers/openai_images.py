@@ -36,7 +36,13 @@ from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refus
 from bot.images import MAX_IMAGE_BYTES, extension_for, parse_ratio, ratio_size, sniff_mime
 from bot.jobs import GeneratedImage
 from bot.providers.base import GenerationRequest, JobHooks
-from bot.providers.http import decode_base64_image, download, new_session, parse_retry_after
+from bot.providers.http import (
+    decode_base64_image,
+    download,
+    new_session,
+    parse_retry_after,
+    read_capped,
+)
 
 log = logging.getLogger("drawbridge.providers.openai")
 
@@ -405,12 +411,7 @@ class OpenAIImagesProvider:
     async def _read(self, resp: aiohttp.ClientResponse, n: int) -> bytes:
         """The body, capped: n base64 images at most, plus room for JSON around them."""
         cap = (self.max_image_bytes * 4 // 3 + 4) * max(1, n) + 1_000_000
-        data = bytearray()
-        async for chunk in resp.content.iter_chunked(65536):
-            data += chunk
-            if len(data) > cap:
-                raise Transient("the image API sent a body over the size cap")
-        return bytes(data)
+        return await read_capped(resp, cap, "the image API's body")
 
     @staticmethod
     def _json(raw: bytes) -> Any:
