@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from bot.adapter import Adapter
 from bot.catalog import Catalog
-from bot.engine_config import EngineConfig, Usage, new_job_id, result_cache_key
+from bot.engine_config import EngineConfig, Usage, new_job, new_job_id, result_cache_key
 from bot.errors import (
     Blocked,
     BudgetExceeded,
@@ -159,22 +159,18 @@ class Engine(OperatorControls):
             extra_images=self.operator.granted(account, day),
             scope=(scope, 0 if admin else policy.daily_images),
         )
-        job = Job(
-            id=new_job_id(),
-            user=request.user,
-            target=request.target,
-            prompt=prompt,
-            model=spec.name,
-            provider=spec.provider,
-            options=options,
+        job = new_job(
+            request,
+            spec,
+            prompt,
+            options,
+            account,
             status=JobStatus.QUEUED,
-            lang=request.lang,
             day=day,
-            created_at=now,
+            now=now,
             reserved_usd=cost,
             admin=admin,
             parent_id=parent_id,
-            account=account if account != user else "",
             cache_key=cache_key,
         )
         self._hold(job)

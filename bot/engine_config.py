@@ -7,8 +7,10 @@ import hashlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from bot.jobs import Options, Target
+from bot.catalog import ModelSpec
+from bot.jobs import Job, JobStatus, Options, Request, Target
 from bot.quota import Limits
 
 UPDATE_STATUS = "UPDATE jobs SET status = ? WHERE id = ?"
@@ -74,3 +76,33 @@ def new_job_id() -> str:
     """Ten lowercase base32 characters: short enough to type after /cancel, 50 bits of randomness."""
     # Not a secret (every use checks who owns the job), so the fast generator will do.
     return base64.b32encode(random.getrandbits(56).to_bytes(7, "big")).decode()[:10].lower()
+
+
+def new_job(
+    request: Request,
+    spec: ModelSpec,
+    prompt: str,
+    options: Options,
+    account: str,
+    *,
+    status: JobStatus,
+    day: str,
+    now: float,
+    **fields: Any,
+) -> Job:
+    """A new job for a validated request; `account` is stored only when it is a linked one."""
+    return Job(
+        id=new_job_id(),
+        user=request.user,
+        target=request.target,
+        prompt=prompt,
+        model=spec.name,
+        provider=spec.provider,
+        options=options,
+        status=status,
+        lang=request.lang,
+        day=day,
+        created_at=now,
+        account=account if account != str(request.user) else "",
+        **fields,
+    )

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from bot.catalog import ModelSpec
 from bot.dbwriter import Op
-from bot.engine_config import new_job_id
+from bot.engine_config import new_job, new_job_id
 from bot.errors import ErrorKind, InvalidRequest, JobNotFound, UserError
 from bot.job_rows import insert_job_op
 from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
@@ -116,22 +116,18 @@ class OperatorControls(Scheduler):
     ) -> None:
         """A blocklisted prompt still gets a row (refused, free), so the operator sees it."""
         now = self.clock()
-        job = Job(
-            id=new_job_id(),
-            user=request.user,
-            target=request.target,
-            prompt=prompt,
-            model=spec.name,
-            provider=spec.provider,
-            options=options,
+        job = new_job(
+            request,
+            spec,
+            prompt,
+            options,
+            account,
             status=JobStatus.REFUSED,
-            lang=request.lang,
             day=self.quotas.day_of(now),
-            created_at=now,
+            now=now,
             error=f"blocklist: {term}",
             error_kind=ErrorKind.REFUSED.value,
             finished_at=now,
-            account=account if account != str(request.user) else "",
         )
         await self.store.insert_job(job)
         log.info("✗ job=%s refused by the blocklist (%s)", job.id, term)
