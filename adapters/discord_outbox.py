@@ -37,7 +37,7 @@ from bot.commands import shorten
 from bot.engine import Engine
 from bot.errors import DeliveryError
 from bot.jobs import Job, JobStatus, StoredImage, Target
-from bot.texts import t
+from bot.texts import queued_text, t
 
 log = logging.getLogger("drawbridge.discord")
 
@@ -118,14 +118,7 @@ class DiscordOutbox:
         self._board.push(job_id, self._queued_status(job, position))
 
     def _queued_status(self, job: Job, position: int) -> _Status:
-        text = t(
-            job.lang,
-            "status.queued",
-            job=job.id,
-            position=position,
-            model=job.model,
-            n=job.n_images,
-        )
+        text = queued_text(job.lang, job.id, position, job.model, job.n_images)
         return _Status(job, text, "cancel")
 
     async def _remember(self, job_id: str, ref: str) -> None:

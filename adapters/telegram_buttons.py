@@ -17,7 +17,7 @@ from adapters.telegram_delivery import delivery_error
 from adapters.telegram_send import Buttons, Place, place_of
 from bot.errors import JobNotFound, UserError
 from bot.jobs import Job, Target, UserRef
-from bot.texts import pick_lang, render_error, t
+from bot.texts import pick_lang, queued_text, render_error, t
 
 if TYPE_CHECKING:
     from adapters.telegram_adapter import TelegramAdapter
@@ -96,14 +96,7 @@ class ButtonPresses:
         )
         ticket = await self.adapter.engine.reroll(user, job.id, target)
         await _answer(query, t(lang, "button.rerolled", job=ticket.job_id))
-        text = t(
-            lang,
-            "status.queued",
-            job=ticket.job_id,
-            position=ticket.position,
-            model=ticket.model,
-            n=ticket.n_images,
-        )
+        text = queued_text(lang, ticket.job_id, ticket.position, ticket.model, ticket.n_images)
         self.adapter.board.show(
             ticket.job_id, place, text, cancel_button(ticket.job_id, lang), initial=True
         )

@@ -10,7 +10,7 @@ from bot.errors import UserError
 from bot.jobs import Request, Target, Ticket, UserRef
 from bot.operator import parse_policy_changes
 from bot.stats import period, render_period
-from bot.texts import render_error, t
+from bot.texts import queued_text, render_error, t
 
 COMMANDS = ("imagine", "usage", "jobs", "cancel", "models", "settings", "help", "start")
 USER_COMMANDS = ("link", "history", "show")
@@ -108,14 +108,7 @@ class Chat:
             return Reply(render_error(lang, exc), error=True)
         if ticket.cached_from is not None:
             return Reply(t(lang, "status.cached", job=ticket.job_id), ticket=ticket)
-        text = t(
-            lang,
-            "status.queued",
-            job=ticket.job_id,
-            position=ticket.position,
-            model=ticket.model,
-            n=ticket.n_images,
-        )
+        text = queued_text(lang, ticket.job_id, ticket.position, ticket.model, ticket.n_images)
         return Reply(text, ticket=ticket)
 
     async def usage_text(self, user: UserRef, lang: str) -> str:

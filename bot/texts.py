@@ -363,5 +363,10 @@ def t(lang: str, key: str, /, **params: Any) -> str:
         return template
 
 
+def queued_text(lang: str, job_id: str, position: int, model: str, n: int) -> str:
+    """A job's "queued" status line, the same on every platform."""
+    return t(lang, "status.queued", job=job_id, position=position, model=model, n=n)
+
+
 def render_error(lang: str, exc: UserError) -> str:
     return t(lang, exc.key, **exc.params)
