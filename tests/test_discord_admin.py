@@ -316,6 +316,7 @@ async def test_show_reposts_a_jobs_images_and_the_ephemeral_reply_confirms(
     made = await fake.slash("imagine", {"prompt": "a heron", "model": "paid", "count": 2})
     job_id = await wait_ended(fake, made)
     (original,) = fake.followups(made.token)
+    await bot.engine.run_until_idle()  # the delivery's row is committed, not just posted
     delivered = await row(harness, job_id)
     typed = await fake.slash("show", {"job": job_id[:4]}, focused="job")
     await fake.wait_for(lambda: typed.choices is not None)
