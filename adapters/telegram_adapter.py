@@ -34,7 +34,7 @@ from telegram.ext import (
     filters,
 )
 
-from adapters.telegram_budget import SendBudget
+from adapters.telegram_budget import PaidLane, SendBudget
 from adapters.telegram_buttons import ButtonPresses, cancel_button
 from adapters.telegram_delivery import Delivery
 from adapters.telegram_http import AiohttpRequest
@@ -78,6 +78,7 @@ class TelegramAdapter:
         action_interval: float = 4.5,
         reference_max_bytes: int = REFERENCE_MAX_BYTES,
         rate_limiter: BaseRateLimiter[Any] | None = None,
+        paid_broadcast_stars: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
@@ -90,7 +91,7 @@ class TelegramAdapter:
         self.errors: deque[BaseException] = deque(maxlen=100)  # handler errors, for tests
         self.api_url = api_url = api_url.rstrip("/")
         if rate_limiter is None:
-            rate_limiter = SendBudget()
+            rate_limiter = SendBudget(paid=self._paid_lane(paid_broadcast_stars))
         budget = rate_limiter if isinstance(rate_limiter, SendBudget) else None
         builder = (
             ApplicationBuilder()
@@ -117,6 +118,23 @@ class TelegramAdapter:
         )
         self.delivery = Delivery(self.sender)
         self.buttons = ButtonPresses(self)
+
+    def _paid_lane(self, stars_per_day: float) -> PaidLane | None:
+        """The operator's paid broadcasts (`TELEGRAM_PAID_BROADCAST_STARS`), counted and alerted."""
+        if stars_per_day <= 0:
+            return None
+        engine = self.engine
+        counter = engine.metrics.paid_messages.labels("telegram")
+
+        def on_event(kind: str) -> None:
+            log.warning("telegram paid broadcasts: %s", kind)
+            day = engine.quotas.today()
+            key = "alert.paid_exhausted" if kind == "exhausted" else "alert.paid_refused"
+            engine.alert(f"telegram-paid:{kind}:{day}", key, stars=f"{stars_per_day:g}")
+
+        return PaidLane(
+            stars_per_day, today=engine.quotas.today, on_spent=counter.inc, on_event=on_event
+        )
 
     # ---- service lifecycle ----------------------------------------------------------------
 

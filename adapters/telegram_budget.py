@@ -17,7 +17,12 @@ of the results and turns every small timing slip into a pause for the whole bot.
 - on a 429 pauses only the chat that got it for `retry_after`, treats the overall bucket as full,
   and sends the call again (up to `rate_limit_args` times) in its place in the queue;
 - lets a caller withdraw a call that has not been admitted yet (`Ticket.withdraw`): an ack whose
-  job was delivered meanwhile is never sent.
+  job was delivered meanwhile is never sent;
+- with a `PaidLane` (the operator's `TELEGRAM_PAID_BROADCAST_STARS`), sends a message that would
+  wait for the free budget at once instead, as a paid broadcast (`allow_paid_broadcast`: up to
+  1000 messages a second, 0.1 Star each), while today's Stars last. Only overflow is paid: a call
+  that fits the free budget goes free. Edits cannot be paid for (the Bot API has no such flag
+  on them), so they keep waiting for free room, behind everything else.
 
 Other calls (updates, chat actions, deletes, callback answers, files) go straight through:
 Telegram does not count them as messages.
@@ -39,7 +44,7 @@ from enum import IntEnum
 from typing import Any
 
 from telegram._utils.types import JSONDict
-from telegram.error import RetryAfter
+from telegram.error import BadRequest, RetryAfter
 from telegram.ext import BaseRateLimiter
 
 
@@ -82,6 +87,9 @@ MESSAGE_METHODS = frozenset(
         "editmessagereplymarkup",
     }
 )
+# Sends that take `allow_paid_broadcast` (edits do not).
+PAYABLE_METHODS = frozenset(m for m in MESSAGE_METHODS if not m.startswith("edit"))
+PAID_FLAG = "allow_paid_broadcast"
 
 
 class Withdrawn(Exception):
@@ -158,13 +166,91 @@ class Bucket:
         self.level += cost
 
 
+class PaidLane:
+    """Telegram's paid broadcasts as a second overall bucket, with a daily allowance of Stars.
+
+    `stars_per_day` is what the operator lets the bot spend a day; each message costs
+    `STARS_PER_MESSAGE`, an album one per item. Stars are reserved when a call is admitted and
+    given back when Telegram refuses the call, so the count follows what Telegram charged.
+    `today` names the current day (the engine's quota day); the count starts again each day.
+    `on_spent(messages)` hears every paid message sent; `on_event(kind)` hears "exhausted"
+    (today's Stars are spent) and "refused" (Telegram refused a paid broadcast: the lane is off
+    until the bot restarts).
+    """
+
+    STARS_PER_MESSAGE = 0.1
+
+    def __init__(
+        self,
+        stars_per_day: float,
+        *,
+        rate: float = 1000.0,
+        headroom: float = 0.15,
+        today: Callable[[], str] = lambda: time.strftime("%Y-%m-%d", time.gmtime()),
+        clock: Callable[[], float] = time.monotonic,
+        on_spent: Callable[[int], None] | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.allowance = int(stars_per_day / self.STARS_PER_MESSAGE + 1e-9)  # messages a day
+        self.bucket = Bucket(max(1.0, rate * (1 - headroom)), rate, clock())
+        self.today = today
+        self.on_spent = on_spent
+        self.on_event = on_event
+        self.enabled = self.allowance > 0
+        self.day = today()
+        self.used = 0  # messages reserved or sent today
+        self.sent = 0  # paid messages Telegram accepted, since start
+        self._told: str | None = None  # the day "exhausted" was said
+
+    @property
+    def stars_spent(self) -> float:
+        """Stars spent on today's paid messages (reserved ones included)."""
+        return round(self.used * self.STARS_PER_MESSAGE, 1)
+
+    def fits(self, cost: float, now: float) -> bool:
+        if not self.enabled:
+            return False
+        day = self.today()
+        if day != self.day:
+            self.day, self.used = day, 0
+        if self.used + cost > self.allowance:
+            if self._told != day:
+                self._told = day
+                if self.on_event is not None:
+                    self.on_event("exhausted")
+            return False
+        return self.bucket.wait_for(cost, now) == 0
+
+    def spend(self, cost: float, now: float) -> None:
+        self.bucket.spend(cost, now)
+        self.used += int(cost)
+
+    def settle(self, cost: float) -> None:
+        """Telegram took the paid call."""
+        self.sent += int(cost)
+        if self.on_spent is not None:
+            self.on_spent(int(cost))
+
+    def refund(self, cost: float) -> None:
+        """Telegram refused the paid call: it cost nothing."""
+        self.used = max(0, self.used - int(cost))
+
+    def refuse(self) -> None:
+        """Telegram refuses paid broadcasts for this bot: stop asking."""
+        if self.enabled:
+            self.enabled = False
+            if self.on_event is not None:
+                self.on_event("refused")
+
+
 @dataclass(order=True)
 class _Waiter:
     priority: int
     seq: int
     chat: int | str | None = field(compare=False)
     cost: float = field(compare=False)
-    future: asyncio.Future[None] = field(compare=False)
+    future: asyncio.Future[bool] = field(compare=False)  # True: admitted on the paid lane
+    payable: bool = field(compare=False, default=False)
 
 
 def _retry_seconds(exc: RetryAfter) -> float:
@@ -180,7 +266,8 @@ class SendBudget(BaseRateLimiter[int]):
     `overall`, `group` and `private` are Telegram's limits as (calls, seconds); None switches
     one off. Private chats are off by default, as in PTB's limiter: Telegram tolerates short
     bursts there, and a 429 from one chat pauses only that chat. `headroom` is the share of each
-    burst kept unused against arrival jitter.
+    burst kept unused against arrival jitter. `paid`, when given, lets sends that would wait
+    for the overall budget go at once as paid broadcasts (`PaidLane`).
     """
 
     def __init__(
@@ -191,9 +278,11 @@ class SendBudget(BaseRateLimiter[int]):
         *,
         headroom: float = 0.15,
         max_retries: int = 0,
+        paid: PaidLane | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.clock = clock
+        self.paid = paid
         self.headroom = headroom
         self.max_retries = max_retries
         self.limits = {"group": group, "private": private}
@@ -282,7 +371,8 @@ class SendBudget(BaseRateLimiter[int]):
         data: dict[str, Any],
         rate_limit_args: int | None,
     ) -> bool | JSONDict | list[JSONDict]:
-        if endpoint.lower() not in MESSAGE_METHODS:
+        method = endpoint.lower()
+        if method not in MESSAGE_METHODS:
             return await callback(*args, **kwargs)
         context = CALL.get() or CallContext()
         retries = rate_limit_args if rate_limit_args is not None else self.max_retries
@@ -296,26 +386,58 @@ class SendBudget(BaseRateLimiter[int]):
             seq = next(self._seq)
             if ticket is not None:
                 ticket.seq = seq
-        for attempt in range(retries + 1):
-            await self._admit(context, chat, cost, seq)
+        payable = method in PAYABLE_METHODS and self.paid is not None
+        probing = False  # a paid call was refused: this attempt goes free to find out why
+        attempt = 0
+        while True:
+            paid = await self._admit(context, chat, cost, seq, payable and not probing)
+            if paid:
+                data[PAID_FLAG] = True
+            else:
+                data.pop(PAID_FLAG, None)
             try:
-                return await callback(*args, **kwargs)
+                result = await callback(*args, **kwargs)
             except RetryAfter as exc:
-                if attempt == retries:
+                if paid:
+                    self._paid_refund(cost)
+                if attempt >= retries:
                     raise
+                attempt += 1
                 self._flooded(chat, _retry_seconds(exc) + 0.1)
-        raise AssertionError("unreachable")  # pragma: no cover
+                continue
+            except BadRequest:
+                if not paid:
+                    raise
+                # Perhaps the call is bad, perhaps paid broadcasts are not open to this bot
+                # (not enabled, no Stars): the same call once more, free, tells which.
+                self._paid_refund(cost)
+                probing = True
+                continue
+            if paid:
+                self._paid_settle(cost)
+            elif probing and self.paid is not None:
+                self.paid.refuse()  # the free call went: it was the paid lane Telegram refused
+            return result
+
+    def _paid_settle(self, cost: float) -> None:
+        if self.paid is not None:
+            self.paid.settle(cost)
+
+    def _paid_refund(self, cost: float) -> None:
+        if self.paid is not None:
+            self.paid.refund(cost)
 
     # ---- admission ------------------------------------------------------------------------
 
     async def _admit(
-        self, context: CallContext, chat: int | str | None, cost: float, seq: int
-    ) -> None:
+        self, context: CallContext, chat: int | str | None, cost: float, seq: int, payable: bool
+    ) -> bool:
+        """Wait until the call may go; whether it goes on the paid lane."""
         ticket = context.ticket
         if ticket is not None and ticket.withdrawn:
             raise Withdrawn("withdrawn")
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(int(context.priority), seq, chat, cost, loop.create_future())
+        waiter = _Waiter(int(context.priority), seq, chat, cost, loop.create_future(), payable)
         if ticket is not None:
 
             def withdraw() -> None:
@@ -329,8 +451,12 @@ class SendBudget(BaseRateLimiter[int]):
         if not waiter.future.done():
             self._ensure_pump()
         try:
-            await waiter.future
+            paid = await waiter.future
         except asyncio.CancelledError:
+            future = waiter.future
+            admitted = future.done() and not future.cancelled() and future.exception() is None
+            if admitted and future.result():
+                self._paid_refund(cost)  # admitted on the paid lane, but never sent
             self._wake.set()  # the caller gave up: its place goes to the next one
             raise
         finally:
@@ -338,6 +464,7 @@ class SendBudget(BaseRateLimiter[int]):
                 ticket.on_withdraw = None
         if ticket is not None:
             ticket.admitted = True
+        return paid
 
     def _admit_ready(self) -> float | None:
         """Admit every waiter that fits now; the seconds until the next one might fit."""
@@ -362,15 +489,23 @@ class SendBudget(BaseRateLimiter[int]):
                 keep.append(waiter)
                 next_in = until - now if next_in is None else min(next_in, until - now)
                 continue
+            paid = False
             if overall is not None:
                 reserve = self._reserve(Priority(waiter.priority))
                 wait = overall.wait_for(min(overall.capacity, waiter.cost + reserve), now)
                 if wait > 0:
-                    # Nothing of this priority or below may pass it; higher ones went first.
-                    blocked = True
-                    keep.append(waiter)
-                    next_in = wait if next_in is None else min(next_in, wait)
-                    continue
+                    if (
+                        waiter.payable
+                        and self.paid is not None
+                        and self.paid.fits(waiter.cost, now)
+                    ):
+                        paid = True  # the operator pays for it to go now
+                    else:
+                        # Nothing of this priority or below may pass it; higher ones went first.
+                        blocked = True
+                        keep.append(waiter)
+                        next_in = wait if next_in is None else min(next_in, wait)
+                        continue
             bucket = self._chat_bucket(waiter.chat)
             if bucket is not None:
                 wait = bucket.wait_for(min(waiter.cost, bucket.capacity), now)
@@ -379,9 +514,12 @@ class SendBudget(BaseRateLimiter[int]):
                     next_in = wait if next_in is None else min(next_in, wait)
                     continue
                 bucket.spend(waiter.cost, now)
-            if overall is not None:
+            if paid:
+                assert self.paid is not None
+                self.paid.spend(waiter.cost, now)
+            elif overall is not None:
                 overall.spend(waiter.cost, now)
-            waiter.future.set_result(None)
+            waiter.future.set_result(paid)
         self._waiting = keep
         return next_in
 

@@ -44,7 +44,8 @@ async def running_bot(
                 core.engine,
                 settings.telegram_bot_token.get_secret_value(),
                 settings.telegram_api_url,
-                **adapter_options,
+                **{"paid_broadcast_stars": settings.telegram_paid_broadcast_stars}
+                | adapter_options,
             )
             async with serve(core, [adapter]):
                 await host.reset_calls()  # getMe, setMyCommands: not part of the run

@@ -201,6 +201,7 @@ def _platform_adapters(core: Core, settings: Settings, http: HttpServer | None) 
             settings.telegram_api_url,
             webhook_url=settings.telegram_webhook_url,
             webhook_secret=secret.get_secret_value() if secret else None,
+            paid_broadcast_stars=settings.telegram_paid_broadcast_stars,
         )
         if http is not None and settings.telegram_webhook_url:
             http.add_post(

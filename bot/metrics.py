@@ -56,6 +56,12 @@ class Metrics:
             ["platform", "outcome"],
             registry=self.registry,
         )
+        self.paid_messages = Counter(
+            "drawbridge_paid_messages",
+            "Messages sent on a platform's paid lane (Telegram paid broadcasts, 0.1 Star each).",
+            ["platform"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "drawbridge_queue_depth", "Jobs waiting to start.", registry=self.registry
         )

@@ -80,6 +80,8 @@ class Settings(BaseModel):
     telegram_api_url: str = "https://api.telegram.org"
     telegram_webhook_url: str | None = None
     telegram_webhook_secret: SecretStr | None = None
+    # Stars a day Telegram paid broadcasts may cost (sends past the free ~30 a second); 0 = off.
+    telegram_paid_broadcast_stars: float = Field(0.0, ge=0, le=1_000_000)
 
     discord_bot_token: SecretStr | None = None
     discord_api_url: str = "https://discord.com/api/v10"

@@ -174,6 +174,8 @@ EN: dict[str, str] = {
     "alert.budget": "💸 drawbridge has spent {spent} of today's {budget} budget ({percent} %).",
     "alert.auth": "🔑 The {provider} API rejected drawbridge's key. Jobs on it fail (users are not charged) until the key is fixed.",
     "alert.breaker": "⚡ {provider} keeps failing: drawbridge stopped calling it for a while (fallbacks serve where configured).",
+    "alert.paid_exhausted": "⭐ Today's {stars} Stars for Telegram paid broadcasts are spent: until tomorrow drawbridge sends within the free ~30 messages a second (slower at peaks).",
+    "alert.paid_refused": "⭐ Telegram refused a paid broadcast (not enabled for the bot, or no Stars left): drawbridge sends within the free ~30 messages a second until it restarts.",
     "status.cached": "♻️ Made before: here it is again, free · job {job}",
     "error.storage": "The bot cannot save new requests right now. Nothing was charged; please try again later.",
     "console.welcome": (
@@ -328,6 +330,8 @@ ZH: dict[str, str] = {
     "alert.budget": "💸 drawbridge 今天已花费 {spent}，预算 {budget}（{percent}%）。",
     "alert.auth": "🔑 {provider} 的 API 拒绝了 drawbridge 的密钥。修复前该服务的任务都会失败（不向用户扣费）。",
     "alert.breaker": "⚡ {provider} 持续失败：drawbridge 暂停调用它一段时间（已配置的备用服务会接手）。",
+    "alert.paid_exhausted": "⭐ 今天用于 Telegram 付费广播的 {stars} Stars 已用完：明天之前 drawbridge 只按免费的约每秒 30 条发送（高峰时会慢一些）。",
+    "alert.paid_refused": "⭐ Telegram 拒绝了付费广播（机器人未开通或 Stars 不足）：drawbridge 在重启前只按免费的约每秒 30 条发送。",
     "status.cached": "♻️ 之前生成过：再次发送，免费 · 任务 {job}",
     "error.storage": "机器人暂时无法保存新的请求。未扣费，请稍后再试。",
     "console.welcome": (

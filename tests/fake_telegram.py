@@ -6,6 +6,9 @@ and enforces the limits a real bot lives with: text 4096 and caption 1024 charac
 after HTML parsing, which is strict), photo 10 MB, width + height 10000 and ratio 20, albums of
 2–10, "message is not modified", flood control (a leaky bucket per group, 20 a minute, and 30 a
 second overall, answered with 429 `retry_after`), blocked users (403) and migrated groups.
+Paid broadcasts (`allow_paid_broadcast`) pass the 30 a second on a lane of their own (1000 a
+second), cost 0.1 Star a message from `stars_balance`, and are refused with a 400 when the bot
+may not use them or lacks the Stars.
 """
 
 from __future__ import annotations
@@ -83,8 +86,18 @@ HTML_TAGS = frozenset(
     }
 )
 BOOL_FIELDS = frozenset(
-    {"disable_notification", "protect_content", "show_alert", "drop_pending_updates", "has_spoiler"}
+    {
+        "disable_notification",
+        "protect_content",
+        "show_alert",
+        "drop_pending_updates",
+        "has_spoiler",
+        "allow_paid_broadcast",
+    }
 )
+# Sends that may carry `allow_paid_broadcast` (Bot API 7.11); edits may not.
+PAYABLE = frozenset({"sendMessage", "sendPhoto", "sendDocument", "sendMediaGroup"})
+STARS_PER_PAID_MESSAGE = 0.1
 _HTML_TOKEN = re.compile(
     r"<(/?)([A-Za-z][A-Za-z0-9-]*)([^<>]*)>|&(#\d+|#x[0-9A-Fa-f]+|[a-z]+);|[<&]"
 )
@@ -250,6 +263,12 @@ class FakeTelegram:
     group_limit: tuple[float, float] | None = (20, 60)
     overall_limit: tuple[float, float] | None = (30, 1)
     chat_limit: tuple[float, float] | None = None  # private chats; off unless a test sets it
+    # Paid broadcasts: up to 1000 messages a second past the overall limit, 0.1 Star each from
+    # the bot's balance (None: a balance that never runs out); False: the bot may not use them.
+    paid_limit: tuple[float, float] | None = (1000, 1)
+    paid_broadcasts: bool = True
+    stars_balance: float | None = None
+    paid_messages: int = 0
     calls: list[Call] = field(default_factory=list)
     blocked: set[int] = field(default_factory=set)
     migrated: dict[int, int] = field(default_factory=dict)
@@ -499,9 +518,12 @@ class FakeTelegram:
             handler = getattr(self, f"_m_{method}", None)
             if handler is None:
                 raise ApiError(404, "Not Found")
-            if method in COUNTED:
-                self._check_flood(call)
+            paid = self._check_flood(call) if method in COUNTED else 0
             result = await handler(params, files)
+            if paid:  # charged only for a message that went
+                self.paid_messages += paid
+                if self.stars_balance is not None:
+                    self.stars_balance -= paid * STARS_PER_PAID_MESSAGE
         except ApiError as exc:
             call.error = exc
             body: dict[str, Any] = {
@@ -554,9 +576,21 @@ class FakeTelegram:
                 {"migrate_to_chat_id": self.migrated[chat]},
             )
 
-    def _check_flood(self, call: Call) -> None:
+    def _check_flood(self, call: Call) -> int:
+        """Count the call against the flood limits; the paid messages it will cost if it goes."""
         chat = call.chat_id
-        checks: list[tuple[object, tuple[float, float] | None]] = [("*", self.overall_limit)]
+        paid = call.method in PAYABLE and call.params.get("allow_paid_broadcast") is True
+        messages = 1
+        if paid:
+            media = call.params.get("media")
+            messages = len(media) if isinstance(media, list) and media else 1
+            stars = messages * STARS_PER_PAID_MESSAGE
+            if not self.paid_broadcasts:
+                raise ApiError(400, "Bad Request: paid broadcasts are not enabled for the bot")
+            if self.stars_balance is not None and self.stars_balance < stars - 1e-9:
+                raise ApiError(400, "Bad Request: not enough Telegram Stars for a paid broadcast")
+        overall = ("*paid", self.paid_limit) if paid else ("*", self.overall_limit)
+        checks: list[tuple[object, tuple[float, float] | None]] = [overall]
         if isinstance(chat, int) and chat < 0:
             checks.append((chat, self.group_limit))
         elif chat is not None:
@@ -573,6 +607,7 @@ class FakeTelegram:
                 raise ApiError(
                     429, f"Too Many Requests: retry after {retry}", {"retry_after": retry}
                 )
+        return messages if paid else 0
 
     # ---- methods --------------------------------------------------------------------------
 

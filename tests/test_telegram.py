@@ -814,3 +814,76 @@ async def test_webhook_mode_sets_the_webhook_and_takes_updates_from_the_route(
     await adapter.process_webhook_update({"update_id": 9000, "message": msg})
     await tg.wait_for("sendPhoto")
     assert "getUpdates" not in tg.methods()
+
+
+# ---- paid broadcasts: the overflow past 30 a second, for Stars, within a cap -----------------
+
+ADMIN = 99
+
+
+async def burst(tg: FakeTelegram, users: int) -> None:
+    for i in range(users):
+        user = tg.user(7000 + i, name=f"u{i}")
+        tg.message(f"/imagine paid lane picture {i}", user=user, chat=tg.chat(7000 + i))
+
+
+async def test_a_burst_goes_out_at_once_on_paid_broadcasts_within_the_cap(
+    rig: Rig, tg: FakeTelegram
+) -> None:
+    engine, _ = await rig.start({"paid_broadcast_stars": 100.0}, max_pending_per_user=5)
+    await burst(tg, 60)
+    await until(lambda: len(tg.sent("sendPhoto")) == 60, within=30)
+    await rig.idle()
+    # The fake keeps the free lane at 30 a second: not one 429 means the bot kept within it.
+    assert [c for c in tg.calls if c.error is not None] == []
+    assert tg.paid_messages > 0  # the overflow went paid
+    paid_calls = [c for c in tg.calls if c.params.get("allow_paid_broadcast")]
+    assert len(paid_calls) == tg.paid_messages
+    assert {c.method for c in paid_calls} <= {"sendMessage", "sendPhoto"}  # never an edit
+    counted = engine.metrics.registry.get_sample_value(
+        "drawbridge_paid_messages_total", {"platform": "telegram"}
+    )
+    assert counted == tg.paid_messages
+    assert {row[1] for row in await jobs(rig.harness)} == {"succeeded"}
+
+
+async def test_when_todays_stars_are_spent_the_bot_slows_down_and_tells_the_admin(
+    rig: Rig, tg: FakeTelegram
+) -> None:
+    await rig.start(
+        {"paid_broadcast_stars": 1.0},  # ten messages
+        max_pending_per_user=5,
+        admin_ids=frozenset({f"telegram:{ADMIN}"}),
+    )
+    await burst(tg, 60)
+    await until(lambda: len(tg.sent("sendPhoto")) == 60, within=60)
+    await rig.idle()
+    assert tg.paid_messages == 10
+    await until(lambda: any(c.chat_id == ADMIN for c in tg.sent("sendMessage")))
+    (alert,) = [c for c in tg.sent("sendMessage") if c.chat_id == ADMIN]
+    assert "Stars" in (alert.text or "") and "spent" in (alert.text or "")
+    assert {row[1] for row in await jobs(rig.harness)} == {"succeeded"}
+
+
+async def test_a_bot_without_paid_broadcasts_falls_back_to_the_free_lane(
+    rig: Rig, tg: FakeTelegram
+) -> None:
+    tg.paid_broadcasts = False
+    await rig.start(
+        {"paid_broadcast_stars": 100.0},
+        max_pending_per_user=5,
+        admin_ids=frozenset({f"telegram:{ADMIN}"}),
+    )
+    await burst(tg, 40)
+    await until(lambda: len(tg.sent("sendPhoto")) == 40, within=60)
+    await rig.idle()
+    refused = [c for c in tg.calls if c.error is not None and c.error.code == 400]
+    assert refused and all(c.params.get("allow_paid_broadcast") for c in refused)
+    assert tg.paid_messages == 0
+    # the lane is off after the first refusal came back: nothing later asks to be paid for
+    first_back = min(c.at for c in refused) + 0.5
+    assert not [c for c in tg.calls if c.params.get("allow_paid_broadcast") and c.at > first_back]
+    await until(lambda: any(c.chat_id == ADMIN for c in tg.sent("sendMessage")))
+    (alert,) = [c for c in tg.sent("sendMessage") if c.chat_id == ADMIN]
+    assert "refused" in (alert.text or "")
+    assert {row[1] for row in await jobs(rig.harness)} == {"succeeded"}

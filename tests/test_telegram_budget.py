@@ -1,4 +1,6 @@
-"""SendBudget: results before acks before edits, withdrawn acks never sent, a 429 pauses one chat."""
+"""SendBudget: results before acks before edits, withdrawn acks never sent, a 429 pauses one chat;
+with a PaidLane, only the overflow is paid for, within the day's Stars, and a refusal turns it off.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +10,18 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from telegram.error import RetryAfter
+from telegram.error import BadRequest, RetryAfter
 
 import adapters.telegram_adapter  # noqa: F401  (sets PTB_TIMEDELTA before telegram is used)
-from adapters.telegram_budget import Priority, SendBudget, Ticket, Withdrawn, call_context
+from adapters.telegram_budget import (
+    PAID_FLAG,
+    PaidLane,
+    Priority,
+    SendBudget,
+    Ticket,
+    Withdrawn,
+    call_context,
+)
 
 
 class Recorder:
@@ -94,3 +104,116 @@ async def test_a_429_pauses_only_its_chat_and_the_call_goes_again() -> None:
         assert time.monotonic() - began >= 1.0  # chat 5 waited out its retry_after
     finally:
         await budget.shutdown()
+
+
+# ---- paid broadcasts ----------------------------------------------------------------------
+
+
+class Wire:
+    """Stands in for PTB's HTTP call: notes each call's name and whether it was flagged paid."""
+
+    def __init__(self, refuse_paid: bool = False, bad: set[str] | None = None) -> None:
+        self.sent: list[tuple[str, bool]] = []
+        self.refuse_paid = refuse_paid
+        self.bad = bad or set()
+
+    def call(self, name: str, data: dict[str, Any]):  # type: ignore[no-untyped-def]
+        async def send() -> bool:
+            paid = data.get(PAID_FLAG) is True
+            if name in self.bad or (paid and self.refuse_paid):
+                raise BadRequest("Bad Request: no")
+            self.sent.append((name, paid))
+            return True
+
+        return send
+
+
+async def send_paid(
+    budget: SendBudget, wire: Wire, name: str, *, method: str = "sendMessage",
+    priority: Priority = Priority.RESULT, chat: int = 1,
+) -> Any:  # fmt: skip
+    data: dict[str, Any] = {"chat_id": chat}
+    with call_context(priority):
+        return await budget.process_request(wire.call(name, data), (), {}, method, data, 0)
+
+
+def lane(stars: float, events: list[str], spent: list[int]) -> PaidLane:
+    return PaidLane(
+        stars, today=lambda: "2026-12-01", on_spent=spent.append, on_event=events.append
+    )
+
+
+async def test_only_the_overflow_is_paid_and_only_while_the_stars_last() -> None:
+    events: list[str] = []
+    spent: list[int] = []
+    paid = lane(0.3, events, spent)  # 3 messages a day
+    budget = SendBudget(overall=(2, 1.0), headroom=0.0, paid=paid)
+    wire = Wire()
+    await budget.initialize()
+    try:
+        for i in range(5):
+            await send_paid(budget, wire, f"m{i}", chat=10 + i)
+        # two fit the free burst, three go paid at once, the sixth waits for free room
+        assert wire.sent == [("m0", False), ("m1", False), ("m2", True), ("m3", True), ("m4", True)]
+        await send_paid(budget, wire, "m5", chat=20)
+        assert wire.sent[-1] == ("m5", False)
+        assert spent == [1, 1, 1] and paid.sent == 3 and paid.stars_spent == 0.3
+        assert events == ["exhausted"]  # said once, however many calls found the Stars spent
+    finally:
+        await budget.shutdown()
+
+
+async def test_edits_are_never_paid_for() -> None:
+    paid = lane(10, [], [])
+    budget = SendBudget(overall=(1, 1.0), headroom=0.0, paid=paid)
+    wire = Wire()
+    await budget.initialize()
+    try:
+        await send_paid(budget, wire, "photo")
+        await send_paid(budget, wire, "edit", method="editMessageText", priority=Priority.DONE)
+        assert wire.sent == [("photo", False), ("edit", False)]
+        assert paid.sent == 0
+    finally:
+        await budget.shutdown()
+
+
+async def test_a_refused_paid_call_goes_free_and_turns_the_lane_off() -> None:
+    events: list[str] = []
+    paid = lane(10, events, [])
+    budget = SendBudget(overall=(1, 1.0), headroom=0.0, paid=paid)
+    wire = Wire(refuse_paid=True)
+    await budget.initialize()
+    try:
+        await send_paid(budget, wire, "a")
+        await send_paid(budget, wire, "b", chat=2)  # paid, refused, then sent free
+        await send_paid(budget, wire, "c", chat=3)  # the lane is off: free, no paid attempt
+        assert wire.sent == [("a", False), ("b", False), ("c", False)]
+        assert events == ["refused"] and not paid.enabled
+        assert paid.used == 0  # refused calls cost nothing
+    finally:
+        await budget.shutdown()
+
+
+async def test_a_bad_call_stays_bad_and_the_lane_stays_on() -> None:
+    events: list[str] = []
+    paid = lane(10, events, [])
+    budget = SendBudget(overall=(1, 1.0), headroom=0.0, paid=paid)
+    wire = Wire(bad={"broken"})
+    await budget.initialize()
+    try:
+        await send_paid(budget, wire, "a")
+        with pytest.raises(BadRequest):
+            await send_paid(budget, wire, "broken", chat=2)
+        assert paid.enabled and events == [] and paid.used == 0
+    finally:
+        await budget.shutdown()
+
+
+async def test_a_new_day_brings_new_stars() -> None:
+    day = ["2026-12-01"]
+    paid = PaidLane(0.1, today=lambda: day[0], clock=lambda: 0.0)
+    assert paid.fits(1, 0.0)
+    paid.spend(1, 0.0)
+    assert not paid.fits(1, 0.0)
+    day[0] = "2026-12-02"
+    assert paid.fits(1, 0.0)
