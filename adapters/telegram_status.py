@@ -9,9 +9,11 @@ all. Short answers to one user in one chat that pile up while a send is in fligh
 message.
 
 Acks to one chat are coalesced: while a chat's ack waits for the send budget
-(`telegram_budget.SendBudget`), the acks of further jobs in that chat join it, and it goes as one
-message with a line per job, in the first one's place in the queue. With room in the budget each
-job gets its own ack, as before. A shared message is not edited for progress nor to say "done":
+(`telegram_budget.SendBudget`), or for the chat's previous ack to come back from Telegram, the
+acks of further jobs in that chat join it, and it goes as one message with a line per job, in the
+first one's place in the queue. So a chat never has two acks in flight at once (Telegram allows
+about one message a second in a chat), and five commands sent together cost two messages, not
+five, however much room the budget has (a paid lane included). A shared message is not edited for progress nor to say "done":
 each job's result says that; a job that fails says so in a message of its own. So at load a burst
 of jobs in one chat costs one call plus their results.
 """
@@ -94,6 +96,7 @@ class ChatStatus:
         self._lines: dict[str, _Line] = {}
         self._outboxes: dict[tuple[int, int | None, str | None], _Outbox] = {}
         self._waiting_acks: dict[tuple[int, int | None], _Post] = {}  # per chat and topic
+        self._acks_in_flight: dict[tuple[int, int | None], asyncio.Event] = {}  # set when back
         self._typing: dict[tuple[int, int | None], set[str]] = {}
         self._typing_keys: dict[str, tuple[int, int | None]] = {}
         self._typing_tasks: dict[tuple[int, int | None], asyncio.Task[None]] = {}
@@ -239,6 +242,10 @@ class ChatStatus:
         """Send an ack, redoing it whenever it is withdrawn while it waits for the budget."""
         try:
             while post.lines:
+                ahead = self._acks_in_flight.get(key)
+                if ahead is not None:
+                    await ahead.wait()  # meanwhile this chat's next acks join this one
+                    continue
                 lines = list(post.lines)
                 ticket = post.ticket
                 first = lines[0]
@@ -249,6 +256,7 @@ class ChatStatus:
                     text = fit_text("\n".join(line.ack[0] for line in lines if line.ack))
                     buttons = ()
                 outcome = any(line.final and not line.delivered for line in lines)
+                back = self._acks_in_flight[key] = asyncio.Event()
                 try:
                     message = await self.sender.send_text(
                         key[0],
@@ -273,6 +281,8 @@ class ChatStatus:
                     log.info("chat %s: status message not sent (%s)", key[0], exc.message)
                     self._end_post(post, lines, dead=False)
                     continue
+                finally:
+                    self._ack_back(key, back)
                 for line in lines:
                     line.message_id = message.message_id
                     line.place = Place(message.chat_id, line.place.thread_id, line.place.reply_to)
@@ -290,6 +300,12 @@ class ChatStatus:
         finally:
             if self._waiting_acks.get(key) is post:
                 del self._waiting_acks[key]
+
+    def _ack_back(self, key: tuple[int, int | None], back: asyncio.Event) -> None:
+        """The chat's ack in flight came back (or never went): the next one may go."""
+        back.set()
+        if self._acks_in_flight.get(key) is back:
+            del self._acks_in_flight[key]
 
     @staticmethod
     def _end_post(post: _Post, lines: list[_Line], *, dead: bool, posted: bool = False) -> None:

@@ -136,10 +136,13 @@ async def naive_client(
 # ---- the bot --------------------------------------------------------------------------------
 
 
-async def bot_run(host: FakeHost, scenario: Scenario, within: float, quiet: float = 3.5) -> Outcome:
+async def bot_run(
+    host: FakeHost, scenario: Scenario, within: float, quiet: float = 3.5, paid_stars: float = 0.0
+) -> Outcome:
     """The real bot against the fakes; the makespan the fake Bot API saw.
 
     After the last result, the calls are counted until the bot has been `quiet` for that long.
+    `paid_stars` is the bot's TELEGRAM_PAID_BROADCAST_STARS (0: the free ~30 a second only).
     """
     env = {
         "GRSAI_API_KEY": host.api_key,
@@ -149,6 +152,7 @@ async def bot_run(host: FakeHost, scenario: Scenario, within: float, quiet: floa
         "CONCURRENCY": str(scenario.concurrency),
         "QUEUE_MAX": str(max(200, scenario.jobs)),
         "MAX_PENDING_PER_USER": str(scenario.jobs),
+        "TELEGRAM_PAID_BROADCAST_STARS": str(paid_stars),
     }
     async with running_bot(host, env) as adapter:
         messages = [
@@ -167,6 +171,7 @@ async def bot_run(host: FakeHost, scenario: Scenario, within: float, quiet: floa
                 break
             tail = later
         errors = list(adapter.errors)
+        paid = await host.paid_messages()
     if errors:
         print(f"  ! {len(errors)} handler errors, first: {errors[0]!r}")
     if not finished:
@@ -180,6 +185,7 @@ async def bot_run(host: FakeHost, scenario: Scenario, within: float, quiet: floa
         "errors": float(sum(1 for c in tail if not c.ok and c.code != 429)),
         "first_post_p50": _first_post_p50(calls, stamps, messages),
         "handler_errors": float(len(errors)),
+        "paid": float(paid),
     }
     return outcome
 
@@ -201,14 +207,21 @@ def _first_post_p50(
 # ---- the table ------------------------------------------------------------------------------
 
 
-async def run_scenario(scenario: Scenario, connector_limit: int | None) -> list[str]:
+async def run_scenario(
+    scenario: Scenario, connector_limit: int | None, paid_stars: float
+) -> list[str]:
     lines = [f"\n{scenario.label}"]
+    bots: list[tuple[str, Outcome]] = []
     async with FakeHost(latency=scenario.latency) as host:
         gc.collect()  # each side starts without the other's garbage
         naive = await naive_client(host.grsai_url, host.api_key, scenario, connector_limit)
-        gc.collect()
         within = 4 * scenario.ideal + 2 * scenario.jobs / SEND_RATE + 60
-        bot = await bot_run(host, scenario, within)
+        for label, stars in (("free ~30/s", 0.0), (f"+ paid lane ({paid_stars:g} ★)", paid_stars)):
+            if label.startswith("+") and stars <= 0:
+                continue
+            gc.collect()
+            await host.reset_calls()
+            bots.append((f"drawbridge, {label}", await bot_run(host, scenario, within, 3.5, stars)))
         counts = await host.grsai_counts()
     ideal = scenario.ideal
     bound = send_bound(scenario.jobs, scenario.concurrency, scenario.latency)
@@ -216,30 +229,36 @@ async def run_scenario(scenario: Scenario, connector_limit: int | None) -> list[
     lines.append(f"  ideal ceil(N/C)·L            {ideal:9.2f} s")
     lines.append(
         f"  send bound (photos @ {SEND_RATE:g}/s)   {bound:9.2f} s"
-        f"   → floor max(ideal, bound) {floor:.2f} s"
+        f"   → free-lane floor max(ideal, bound) {floor:.2f} s"
     )
     lines.append(
-        f"  {'client':<28} {'done':>6} {'makespan':>10} {'eff (ideal)':>12} {'eff (floor)':>12}"
+        f"  {'client':<34} {'done':>6} {'makespan':>10} {'eff (ideal)':>12} {'vs naive':>9}"
+        f" {'eff (free floor)':>17}"
     )
-    for name, r, bounded in (
-        ("naive batch (no chat)", naive, False),
-        ("drawbridge via Telegram", bot, True),
-    ):
-        vs_floor = f"{floor / r.makespan:>12.3f}" if bounded else f"{'-':>12}"
+    lines.append(
+        f"  {'naive batch (no chat)':<34} {naive.done:>6} {naive.makespan:>9.2f}s "
+        f"{ideal / naive.makespan:>12.3f} {'-':>9} {'-':>17}"
+    )
+    for name, r in bots:
+        free = "paid" not in name
+        vs_floor = f"{floor / r.makespan:>17.3f}" if free else f"{'-':>17}"
         lines.append(
-            f"  {name:<28} {r.done:>6} {r.makespan:>9.2f}s {ideal / r.makespan:>12.3f} {vs_floor}"
+            f"  {name:<34} {r.done:>6} {r.makespan:>9.2f}s {ideal / r.makespan:>12.3f} "
+            f"{naive.makespan / r.makespan:>9.3f} {vs_floor}"
         )
-    posts = sum(bot.methods[m] for m in ("sendMessage", "sendPhoto", "sendMediaGroup"))
-    counted = posts + bot.methods["editMessageText"] + bot.methods["sendDocument"]
-    lines.append(
-        f"  bot's Bot API calls (to the last edit): {dict(sorted(bot.methods.items()))}; "
-        f"{counted / scenario.jobs:.2f} counted calls a job; "
-        f"429s {bot.extra['429s']:.0f}, other errors {bot.extra['errors']:.0f}"
-    )
-    lines.append(
-        f"  first message in a chat, p50 {bot.extra['first_post_p50']:.2f} s; "
-        f"GrsAI submits {counts['submits']} (naive {naive.done} + bot {bot.done})"
-    )
+    for name, bot in bots:
+        posts = sum(bot.methods[m] for m in ("sendMessage", "sendPhoto", "sendMediaGroup"))
+        counted = posts + bot.methods["editMessageText"] + bot.methods["sendDocument"]
+        paid = bot.extra["paid"]
+        lines.append(
+            f"  {name}: Bot API calls (to the last edit) {dict(sorted(bot.methods.items()))}; "
+            f"{counted / scenario.jobs:.2f} counted calls a job; "
+            f"429s {bot.extra['429s']:.0f}, other errors {bot.extra['errors']:.0f}; "
+            f"paid messages {paid:.0f} ({paid * 0.1:.1f} ★); "
+            f"first message in a chat p50 {bot.extra['first_post_p50']:.2f} s"
+        )
+    done = sum(bot.done for _, bot in bots)
+    lines.append(f"  GrsAI submits {counts['submits']} (naive {naive.done} + bots {done})")
     return lines
 
 
@@ -257,6 +276,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=int,
         help="aiohttp connection limit of the naive client (default: C, so the semaphore rules; "
         "aiohttp's own default is 100)",
+    )
+    p.add_argument(
+        "--paid-stars",
+        type=float,
+        default=1000.0,
+        help="TELEGRAM_PAID_BROADCAST_STARS for the paid-lane run (0: skip that run)",
     )
     args = p.parse_args(argv)
     if args.jobs is not None:
@@ -277,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "makespan efficiency: real bot through Telegram vs the naive batch client, same fake GrsAI"
     )
     for scenario in scenarios:
-        for line in asyncio.run(run_scenario(scenario, args.naive_connector_limit)):
+        lines = run_scenario(scenario, args.naive_connector_limit, args.paid_stars)
+        for line in asyncio.run(lines):
             print(line, flush=True)
 
 

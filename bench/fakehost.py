@@ -130,10 +130,13 @@ async def _answer(tg: Any, grsai: Any, command: str, args: tuple[Any, ...]) -> A
         ]
     if command == "grsai":
         return {"submits": grsai.submits, "file_gets": grsai.file_gets}
+    if command == "paid":
+        return tg.paid_messages
     if command == "task_times":
         return [tuple(t) for t in grsai.times.values()]
     if command == "reset":
         tg.calls.clear()
+        tg.paid_messages = 0
         grsai.times.clear()
         return None
     raise ValueError(f"unknown command {command!r}")
@@ -258,6 +261,11 @@ class FakeHost:
     async def grsai_counts(self) -> dict[str, int]:
         counts: dict[str, int] = await self._ask("grsai")
         return counts
+
+    async def paid_messages(self) -> int:
+        """Messages sent as paid broadcasts since the last reset (0.1 Star each)."""
+        count: int = await self._ask("paid")
+        return count
 
     async def task_times(self) -> list[tuple[float, ...]]:
         """(submitted, stream ended) per GrsAI task since the last reset, monotonic seconds."""
