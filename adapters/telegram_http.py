@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import uuid
 from typing import IO
+from urllib.parse import urlencode
 
 import aiohttp
 from telegram._utils.defaultvalue import DefaultValue
@@ -31,6 +32,7 @@ READ_TIMEOUT = 5.0
 POOL_TIMEOUT = 1.0
 MEDIA_TIMEOUT = 20.0  # sending an upload, at least (PTB's media_write_timeout)
 UPLOAD_RATE = 250_000  # bytes a second an upload may be as slow as before it times out
+FORM = "application/x-www-form-urlencoded"
 STREAM_ABOVE = 1 << 20  # bodies bigger than this are streamed in chunks (aiohttp's advice)
 
 
@@ -108,7 +110,7 @@ class AiohttpRequest(BaseRequest):
     ) -> tuple[int, bytes]:
         if self._session is None or self._session.closed:
             raise RuntimeError("This AiohttpRequest is not initialized!")
-        body: bytes | io.BytesIO | dict[str, str] | None = None
+        body: bytes | io.BytesIO | None = None
         headers: dict[str, str] = {}
         files = request_data.multipart_data if request_data is not None else None
         total: float | None = None
@@ -121,7 +123,10 @@ class AiohttpRequest(BaseRequest):
                 write = max(write, len(raw) / UPLOAD_RATE)
                 total = write + (_seconds(read_timeout, self._read_timeout) or 0.0)
         elif request_data is not None:
-            body = request_data.json_parameters  # sent url-encoded, as PTB's client does
+            # Url-encoded, as PTB's client sends it; encoded here in one call, since aiohttp
+            # builds a whole FormData (and a multipart writer) for a dict body.
+            body = urlencode(request_data.json_parameters).encode()
+            headers["Content-Type"] = FORM
         connect = _seconds(connect_timeout, CONNECT_TIMEOUT)
         pool = _seconds(pool_timeout, POOL_TIMEOUT)
         timeout = aiohttp.ClientTimeout(

@@ -18,7 +18,9 @@ in N chats cannot all go out in 100 ms. The table gives that bound (a leaky buck
 message no earlier than (k - 30)/30 s) beside the measured figures, and two runs that show what
 the bot adds on its own: a burst small enough to fit the budget, and the same N with the flood
 limits off on both sides (the fake's and the bot's own send budget), which a real bot must never
-do but which isolates the bot's own latency.
+do but which isolates the bot's own latency. One more run gives the bot Telegram's paid
+broadcasts (`TELEGRAM_PAID_BROADCAST_STARS`): messages past the free 30 a second go at up to 1000
+a second, for 0.1 Star each.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from bench.e2e import SEND_BURST, SEND_RATE
 from bench.fakehost import POSTS, RESULTS, FakeHost
 
 FIRST_USER = 5000
+PAID_RATE = 1000.0  # Telegram's paid broadcasts: messages a second
 WARM_USER = 90_000
 WARM_COMMANDS = 20
 
@@ -60,7 +63,13 @@ def send_floor(n: int, rate: float = SEND_RATE, burst: float = SEND_BURST) -> li
 
 
 async def measure(
-    label: str, commands: int, latency: float, *, limits: bool, within: float = 120.0
+    label: str,
+    commands: int,
+    latency: float,
+    *,
+    limits: bool,
+    paid_stars: float = 0.0,
+    within: float = 120.0,
 ) -> Result:
     from adapters.telegram_budget import SendBudget
 
@@ -68,6 +77,7 @@ async def measure(
         "DEMO_LATENCY": str(latency),
         "QUEUE_MAX": str(max(200, commands)),
         "SHUTDOWN_GRACE": "0",  # the run is over once every chat had its first reply
+        "TELEGRAM_PAID_BROADCAST_STARS": str(paid_stars),
     }
     options = {} if limits else {"rate_limiter": SendBudget(overall=None, group=None)}
     gc.collect()  # no garbage from an earlier run collected during this one
@@ -93,7 +103,12 @@ async def measure(
             first[chat] = (call.at - pushed[chat], call.method)
     latencies = sorted(at for at, _ in first.values())
     acks = sum(1 for _, method in first.values() if method not in RESULTS)
-    floor = send_floor(commands) if limits else [0.0] * commands
+    if not limits:
+        floor = [0.0] * commands
+    elif paid_stars > 0:
+        floor = send_floor(commands, PAID_RATE, PAID_RATE)  # 1000 a second past the free 30
+    else:
+        floor = send_floor(commands)
     return Result(label, commands, latencies, acks, floor)
 
 
@@ -122,17 +137,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--commands", type=int, help="commands at once (default 300)")
     p.add_argument("--small", type=int, default=20, help="the burst that fits the budget")
     p.add_argument("--latency", type=float, default=10.0, help="DEMO_LATENCY, seconds")
+    p.add_argument(
+        "--paid-stars",
+        type=float,
+        default=1000.0,
+        help="TELEGRAM_PAID_BROADCAST_STARS for the paid-lane run (0: skip that run)",
+    )
     args = p.parse_args(argv)
     n = args.commands or (60 if args.quick else 300)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     runs = [
-        (f"{n} at once, flood limits on (30/s)", n, True),
-        (f"{args.small} at once, flood limits on", args.small, True),
-        (f"{n} at once, flood limits off (diagnostic)", n, False),
+        (f"{n} at once, flood limits on (30/s)", n, True, 0.0),
+        (f"{n} at once, + paid lane ({args.paid_stars:g} ★)", n, True, args.paid_stars),
+        (f"{args.small} at once, flood limits on", args.small, True, 0.0),
+        (f"{n} at once, flood limits off (diagnostic)", n, False, 0.0),
     ]
     results = [
-        asyncio.run(measure(label, count, args.latency, limits=limits))
-        for label, count, limits in runs
+        asyncio.run(measure(label, count, args.latency, limits=limits, paid_stars=stars))
+        for label, count, limits, stars in runs
+        if stars > 0 or "paid" not in label
     ]
     for line in table(results, args.latency):
         print(line)
