@@ -413,6 +413,8 @@ class SendBudget(BaseRateLimiter[int]):
                 self._paid_refund(cost)
                 probing = True
                 continue
+            # A paid call that failed otherwise (timed out, cut off) keeps its Stars counted:
+            # Telegram may have sent and charged it, and the cap must hold either way.
             if paid:
                 self._paid_settle(cost)
             elif probing and self.paid is not None:
