@@ -128,9 +128,8 @@ class TelegramAdapter:
 
         def on_event(kind: str) -> None:
             log.warning("telegram paid broadcasts: %s", kind)
-            day = engine.quotas.today()
             key = "alert.paid_exhausted" if kind == "exhausted" else "alert.paid_refused"
-            engine.alert(f"telegram-paid:{kind}:{day}", key, stars=f"{stars_per_day:g}")
+            engine.alert(f"telegram-paid:{kind}", key, stars=f"{stars_per_day:g}")  # once a day
 
         return PaidLane(
             stars_per_day, today=engine.quotas.today, on_spent=counter.inc, on_event=on_event
