@@ -5,7 +5,10 @@ with a PaidLane, only the overflow is paid for, within the day's Stars, and a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -137,76 +140,76 @@ async def send_paid(
         return await budget.process_request(wire.call(name, data), (), {}, method, data, 0)
 
 
-def lane(stars: float, events: list[str], spent: list[int]) -> PaidLane:
-    return PaidLane(
+@dataclass
+class PaidRig:
+    """A SendBudget with a PaidLane, the wire it sends on, and what the lane reported."""
+
+    budget: SendBudget
+    paid: PaidLane
+    wire: Wire
+    events: list[str]
+    spent: list[int]
+
+    async def send(self, name: str, **options: Any) -> Any:
+        return await send_paid(self.budget, self.wire, name, **options)
+
+
+@contextlib.asynccontextmanager
+async def paid_rig(
+    stars: float, overall: float, wire: Wire | None = None
+) -> AsyncIterator[PaidRig]:
+    """`overall` free calls a second, `stars` a day for the paid lane."""
+    events: list[str] = []
+    spent: list[int] = []
+    paid = PaidLane(
         stars, today=lambda: "2026-12-01", on_spent=spent.append, on_event=events.append
     )
+    budget = SendBudget(overall=(overall, 1.0), headroom=0.0, paid=paid)
+    await budget.initialize()
+    try:
+        yield PaidRig(budget, paid, wire or Wire(), events, spent)
+    finally:
+        await budget.shutdown()
 
 
 async def test_only_the_overflow_is_paid_and_only_while_the_stars_last() -> None:
-    events: list[str] = []
-    spent: list[int] = []
-    paid = lane(0.3, events, spent)  # 3 messages a day
-    budget = SendBudget(overall=(2, 1.0), headroom=0.0, paid=paid)
-    wire = Wire()
-    await budget.initialize()
-    try:
+    async with paid_rig(0.3, overall=2) as rig:  # 3 paid messages a day
         for i in range(5):
-            await send_paid(budget, wire, f"m{i}", chat=10 + i)
+            await rig.send(f"m{i}", chat=10 + i)
         # two fit the free burst, three go paid at once, the sixth waits for free room
-        assert wire.sent == [("m0", False), ("m1", False), ("m2", True), ("m3", True), ("m4", True)]
-        await send_paid(budget, wire, "m5", chat=20)
-        assert wire.sent[-1] == ("m5", False)
-        assert spent == [1, 1, 1] and paid.sent == 3 and paid.stars_spent == 0.3
-        assert events == ["exhausted"]  # said once, however many calls found the Stars spent
-    finally:
-        await budget.shutdown()
+        assert rig.wire.sent == [
+            ("m0", False), ("m1", False), ("m2", True), ("m3", True), ("m4", True),
+        ]  # fmt: skip
+        await rig.send("m5", chat=20)
+        assert rig.wire.sent[-1] == ("m5", False)
+        assert rig.spent == [1, 1, 1] and rig.paid.sent == 3 and rig.paid.stars_spent == 0.3
+        assert rig.events == ["exhausted"]  # said once, however many calls found the Stars spent
 
 
 async def test_edits_are_never_paid_for() -> None:
-    paid = lane(10, [], [])
-    budget = SendBudget(overall=(1, 1.0), headroom=0.0, paid=paid)
-    wire = Wire()
-    await budget.initialize()
-    try:
-        await send_paid(budget, wire, "photo")
-        await send_paid(budget, wire, "edit", method="editMessageText", priority=Priority.DONE)
-        assert wire.sent == [("photo", False), ("edit", False)]
-        assert paid.sent == 0
-    finally:
-        await budget.shutdown()
+    async with paid_rig(10, overall=1) as rig:
+        await rig.send("photo")
+        await rig.send("edit", method="editMessageText", priority=Priority.DONE)
+        assert rig.wire.sent == [("photo", False), ("edit", False)]
+        assert rig.paid.sent == 0
 
 
 async def test_a_refused_paid_call_goes_free_and_turns_the_lane_off() -> None:
-    events: list[str] = []
-    paid = lane(10, events, [])
-    budget = SendBudget(overall=(1, 1.0), headroom=0.0, paid=paid)
-    wire = Wire(refuse_paid=True)
-    await budget.initialize()
-    try:
-        await send_paid(budget, wire, "a")
-        await send_paid(budget, wire, "b", chat=2)  # paid, refused, then sent free
-        await send_paid(budget, wire, "c", chat=3)  # the lane is off: free, no paid attempt
-        assert wire.sent == [("a", False), ("b", False), ("c", False)]
-        assert events == ["refused"] and not paid.enabled
-        assert paid.used == 0  # refused calls cost nothing
-    finally:
-        await budget.shutdown()
+    async with paid_rig(10, overall=1, wire=Wire(refuse_paid=True)) as rig:
+        await rig.send("a")
+        await rig.send("b", chat=2)  # paid, refused, then sent free
+        await rig.send("c", chat=3)  # the lane is off: free, no paid attempt
+        assert rig.wire.sent == [("a", False), ("b", False), ("c", False)]
+        assert rig.events == ["refused"] and not rig.paid.enabled
+        assert rig.paid.used == 0  # refused calls cost nothing
 
 
 async def test_a_bad_call_stays_bad_and_the_lane_stays_on() -> None:
-    events: list[str] = []
-    paid = lane(10, events, [])
-    budget = SendBudget(overall=(1, 1.0), headroom=0.0, paid=paid)
-    wire = Wire(bad={"broken"})
-    await budget.initialize()
-    try:
-        await send_paid(budget, wire, "a")
+    async with paid_rig(10, overall=1, wire=Wire(bad={"broken"})) as rig:
+        await rig.send("a")
         with pytest.raises(BadRequest):
-            await send_paid(budget, wire, "broken", chat=2)
-        assert paid.enabled and events == [] and paid.used == 0
-    finally:
-        await budget.shutdown()
+            await rig.send("broken", chat=2)
+        assert rig.paid.enabled and rig.events == [] and rig.paid.used == 0
 
 
 async def test_a_new_day_brings_new_stars() -> None:
