@@ -13,9 +13,9 @@ Acks to one chat are coalesced: while a chat's ack waits for the send budget
 acks of further jobs in that chat join it, and it goes as one message with a line per job, in the
 first one's place in the queue. So a chat never has two acks in flight at once (Telegram allows
 about one message a second in a chat), and five commands sent together cost two messages, not
-five, however much room the budget has (a paid lane included). A shared message is not edited for progress nor to say "done":
-each job's result says that; a job that fails says so in a message of its own. So at load a burst
-of jobs in one chat costs one call plus their results.
+five, however much room the budget has (a paid lane included). A shared message is not edited
+for progress nor to say "done": each job's result says that; a job that fails says so in a
+message of its own. So at load a burst of jobs in one chat costs one call plus their results.
 """
 
 from __future__ import annotations

@@ -210,15 +210,18 @@ def _first_post_p50(
 async def run_scenario(
     scenario: Scenario, connector_limit: int | None, paid_stars: float
 ) -> list[str]:
+    from adapters.telegram_budget import PaidLane
+
     lines = [f"\n{scenario.label}"]
     bots: list[tuple[str, Outcome]] = []
     async with FakeHost(latency=scenario.latency) as host:
         gc.collect()  # each side starts without the other's garbage
         naive = await naive_client(host.grsai_url, host.api_key, scenario, connector_limit)
         within = 4 * scenario.ideal + 2 * scenario.jobs / SEND_RATE + 60
-        for label, stars in (("free ~30/s", 0.0), (f"+ paid lane ({paid_stars:g} ★)", paid_stars)):
-            if label.startswith("+") and stars <= 0:
-                continue
+        runs = [("free ~30/s", 0.0)]
+        if paid_stars > 0:
+            runs.append((f"+ paid lane ({paid_stars:g} ★)", paid_stars))
+        for label, stars in runs:
             gc.collect()
             await host.reset_calls()
             bots.append((f"drawbridge, {label}", await bot_run(host, scenario, within, 3.5, stars)))
@@ -254,7 +257,7 @@ async def run_scenario(
             f"  {name}: Bot API calls (to the last edit) {dict(sorted(bot.methods.items()))}; "
             f"{counted / scenario.jobs:.2f} counted calls a job; "
             f"429s {bot.extra['429s']:.0f}, other errors {bot.extra['errors']:.0f}; "
-            f"paid messages {paid:.0f} ({paid * 0.1:.1f} ★); "
+            f"paid messages {paid:.0f} ({paid * PaidLane.STARS_PER_MESSAGE:.1f} ★); "
             f"first message in a chat p50 {bot.extra['first_post_p50']:.2f} s"
         )
     done = sum(bot.done for _, bot in bots)
