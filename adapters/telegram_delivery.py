@@ -13,11 +13,10 @@ import logging
 from collections.abc import Sequence
 from typing import Literal
 
-from telegram import Message
 from telegram.error import BadRequest, Forbidden, TelegramError
 
 from adapters.telegram_budget import Priority
-from adapters.telegram_send import Buttons, Place, Sender, fit_text
+from adapters.telegram_send import Buttons, Place, Sender, Sent, fit_text
 from bot.commands import escape_html
 from bot.errors import DeliveryError
 from bot.jobs import Job, StoredImage
@@ -142,7 +141,7 @@ class Delivery:
         place: Place,
         caption: str | None,
         buttons: Buttons,
-    ) -> Message:
+    ) -> Sent:
         try:
             return await self.sender.send_file(
                 kind,

@@ -20,6 +20,17 @@ from tests.fakes import RecordingAdapter, ScriptedProvider
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The product ignores PTB's hint to use the dedicated methods for its lean calls
+    # (adapters/telegram_send.py); the suite's "error" filter would undo that.
+    from adapters.telegram_send import LEAN_WARNING
+
+    config.addinivalue_line(
+        "filterwarnings", f"ignore:{LEAN_WARNING}:telegram.warnings.PTBUserWarning"
+    )
+
+
 TEST_MODELS = """
 [models.paid]
 provider = "demo"
