@@ -1,11 +1,13 @@
-"""The loopback fakes the end-to-end benches talk to, served from a process of their own.
+"""The loopback fakes the end-to-end benches talk to, each served from a process of its own.
 
 The fake Bot API (`tests.fake_telegram`, flood limits on) and the fake GrsAI (`tests.fake_grsai`,
-stream mode) run in a child process, so that the process under test (the bot, or the naive batch
-client) spends its CPU on its own work only, as it would against the real services. The parent
-drives the child over a pipe: push commands, wait for results, read the calls the fake Bot API
-recorded (with the `time.monotonic()` at which each request arrived; that clock is system-wide,
-so both processes read the same one).
+stream mode) run in child processes, so that the process under test (the bot, or the naive batch
+client) spends its CPU on its own work only, as it would against the real services, and so that
+the bot's uploads to the one do not stretch the other's task latency (in one process, 200 photo
+uploads at once made 1 s GrsAI tasks last up to 1.4 s). The parent drives the children over
+pipes: push commands, wait for results, read the calls the fake Bot API recorded (with the
+`time.monotonic()` at which each request arrived; that clock is system-wide, so all the
+processes read the same one).
 
     async with FakeHost(latency=2.0) as host:
         ...  # host.tg_url, host.token, host.grsai_url, host.api_key
@@ -28,6 +30,7 @@ from typing import Any, Self
 # Methods that post a message into a chat (what a user sees arrive).
 POSTS = frozenset({"sendMessage", "sendPhoto", "sendDocument", "sendMediaGroup"})
 RESULTS = frozenset({"sendPhoto", "sendDocument", "sendMediaGroup"})
+_GRSAI_COMMANDS = frozenset({"latency", "grsai", "task_times"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +54,8 @@ def _grsai_shape(latency: float, progress_lines: int) -> tuple[list[int], float]
 # ---- the child process ----------------------------------------------------------------------
 
 
-def _child(conn: Connection, options: dict[str, Any]) -> None:
-    asyncio.run(_serve(conn, options))
+def _child(conn: Connection, which: str, options: dict[str, Any]) -> None:
+    asyncio.run(_serve(conn, which, options))
 
 
 def _timed_grsai(**kwargs: Any) -> Any:
@@ -81,38 +84,51 @@ def _timed_grsai(**kwargs: Any) -> Any:
     return TimedGrsai(**kwargs)
 
 
-async def _serve(conn: Connection, options: dict[str, Any]) -> None:
-    from tests.fake_telegram import FakeTelegram
+async def _serve(conn: Connection, which: str, options: dict[str, Any]) -> None:
+    """Serve one fake (`which`: "telegram" or "grsai") and answer the parent's commands."""
+    fake: Any
+    if which == "telegram":
+        from tests.fake_telegram import FakeTelegram
 
-    steps, delay = _grsai_shape(options["latency"], options["progress_lines"])
-    tg = FakeTelegram(chat_limit=options.get("chat_limit"))
-    if not options.get("flood_limits", True):
-        tg.overall_limit = tg.group_limit = None
-    async with tg, _timed_grsai(steps=steps, line_delay=delay) as grsai:
-        conn.send(
-            {
-                "tg_url": tg.url,
-                "token": tg.token,
-                "grsai_url": grsai.base_url,
-                "api_key": grsai.api_key,
-            }
-        )
+        fake = FakeTelegram(chat_limit=options.get("chat_limit"))
+        if not options.get("flood_limits", True):
+            fake.overall_limit = fake.group_limit = None
+    else:
+        steps, delay = _grsai_shape(options["latency"], options["progress_lines"])
+        fake = _timed_grsai(steps=steps, line_delay=delay)
+    async with fake:
+        if which == "telegram":
+            conn.send({"tg_url": fake.url, "token": fake.token})
+        else:
+            conn.send({"grsai_url": fake.base_url, "api_key": fake.api_key})
+        answer_for = _answer_telegram if which == "telegram" else _answer_grsai
         while True:
             command, args = await asyncio.to_thread(conn.recv)
             if command == "stop":
                 conn.send(None)
                 return
             try:
-                answer = await _answer(tg, grsai, command, args)
+                answer = await answer_for(fake, command, args)
             except Exception as exc:  # the parent re-raises it
                 answer = exc
             conn.send(answer)
 
 
-async def _answer(tg: Any, grsai: Any, command: str, args: tuple[Any, ...]) -> Any:
+async def _answer_grsai(grsai: Any, command: str, args: tuple[Any, ...]) -> Any:
     if command == "latency":
         grsai.steps, grsai.line_delay = _grsai_shape(args[0], args[1])
         return None
+    if command == "grsai":
+        return {"submits": grsai.submits, "file_gets": grsai.file_gets}
+    if command == "task_times":
+        return [tuple(t) for t in grsai.times.values()]
+    if command == "reset":
+        grsai.times.clear()
+        return None
+    raise ValueError(f"unknown command {command!r}")
+
+
+async def _answer_telegram(tg: Any, command: str, args: tuple[Any, ...]) -> Any:
     if command == "push":
         return _push(tg, args[0])
     if command == "wait":
@@ -128,16 +144,11 @@ async def _answer(tg: Any, grsai: Any, command: str, args: tuple[Any, ...]) -> A
             )
             for c in tg.calls
         ]
-    if command == "grsai":
-        return {"submits": grsai.submits, "file_gets": grsai.file_gets}
     if command == "paid":
         return tg.paid_messages
-    if command == "task_times":
-        return [tuple(t) for t in grsai.times.values()]
     if command == "reset":
         tg.calls.clear()
         tg.paid_messages = 0
-        grsai.times.clear()
         return None
     raise ValueError(f"unknown command {command!r}")
 
@@ -183,8 +194,45 @@ async def _wait(tg: Any, count: int, within: float, what: str = "results") -> bo
 # ---- the parent's handle --------------------------------------------------------------------
 
 
+class _Child:
+    """One fake in a process of its own, and the pipe to it."""
+
+    def __init__(self, which: str, options: dict[str, Any]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, self._child_end = ctx.Pipe()
+        self.proc = ctx.Process(target=_child, args=(self._child_end, which, options), daemon=True)
+        self.lock = asyncio.Lock()
+
+    async def start(self) -> dict[str, str]:
+        self.proc.start()
+        self._child_end.close()
+        info: dict[str, str] = await asyncio.wait_for(asyncio.to_thread(self.conn.recv), 30)
+        return info
+
+    async def ask(self, command: str, *args: Any) -> Any:
+        async with self.lock:
+            self.conn.send((command, args))
+            answer = await asyncio.to_thread(self.conn.recv)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ask("stop"), 5)
+        await asyncio.to_thread(self.proc.join, 5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            await asyncio.to_thread(self.proc.join, 5)
+        self.conn.close()
+
+
 class FakeHost:
-    """Starts the fakes in a child process and talks to it; an async context manager."""
+    """Starts the fakes, each in a child process, and talks to them; an async context manager.
+
+    The fake Bot API and the fake GrsAI live in processes of their own, as the real services
+    do: a burst of uploads to the one does not hold up the other's streams.
+    """
 
     def __init__(
         self,
@@ -199,19 +247,14 @@ class FakeHost:
             "chat_limit": chat_limit,
             "flood_limits": flood_limits,
         }
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(child, self.options), daemon=True)
-        self._child_end = child
-        self._lock = asyncio.Lock()
+        self._tg = _Child("telegram", self.options)
+        self._grsai = _Child("grsai", self.options)
         self.tg_url = self.token = self.grsai_url = self.api_key = ""
 
     async def __aenter__(self) -> Self:
-        self._proc.start()
-        self._child_end.close()
-        info = await asyncio.wait_for(asyncio.to_thread(self._conn.recv), 30)
-        self.tg_url, self.token = info["tg_url"], info["token"]
-        self.grsai_url, self.api_key = info["grsai_url"], info["api_key"]
+        tg, grsai = await asyncio.gather(self._tg.start(), self._grsai.start())
+        self.tg_url, self.token = tg["tg_url"], tg["token"]
+        self.grsai_url, self.api_key = grsai["grsai_url"], grsai["api_key"]
         return self
 
     async def __aexit__(
@@ -220,21 +263,11 @@ class FakeHost:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._ask("stop"), 5)
-        await asyncio.to_thread(self._proc.join, 5)
-        if self._proc.is_alive():
-            self._proc.kill()
-            await asyncio.to_thread(self._proc.join, 5)
-        self._conn.close()
+        await asyncio.gather(self._tg.stop(), self._grsai.stop())
 
     async def _ask(self, command: str, *args: Any) -> Any:
-        async with self._lock:
-            self._conn.send((command, args))
-            answer = await asyncio.to_thread(self._conn.recv)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+        child = self._grsai if command in _GRSAI_COMMANDS else self._tg
+        return await child.ask(command, *args)
 
     async def set_latency(self, latency: float, progress_lines: int = 2) -> None:
         await self._ask("latency", latency, progress_lines)
@@ -273,4 +306,4 @@ class FakeHost:
         return times
 
     async def reset_calls(self) -> None:
-        await self._ask("reset")
+        await asyncio.gather(self._tg.ask("reset"), self._grsai.ask("reset"))
