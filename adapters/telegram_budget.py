@@ -471,20 +471,17 @@ class SendBudget(BaseRateLimiter[int]):
     def _admit_ready(self) -> float | None:
         """Admit every waiter that fits now; the seconds until the next one might fit."""
         now = self.clock()
-        overall = self._overall
-        keep: list[_Waiter] = []
-        next_in: float | None = None
-        blocked = False
         if self._paused:
             self._paused = {k: t for k, t in self._paused.items() if t > now}
         paused_all = self._paused.get(None)
-        for waiter in self._waiting:
+        if paused_all is not None:  # Telegram told every chat to wait
+            return paused_all - now
+        overall = self._overall
+        keep: list[_Waiter] = []
+        next_in: float | None = None
+        waiting = self._waiting
+        for i, waiter in enumerate(waiting):
             if waiter.future.done():
-                continue
-            if blocked or paused_all is not None:
-                keep.append(waiter)
-                if paused_all is not None:
-                    next_in = paused_all - now
                 continue
             until = self._paused.get(waiter.chat)
             if until is not None:  # this chat was told to wait; other chats may go
@@ -503,11 +500,11 @@ class SendBudget(BaseRateLimiter[int]):
                     ):
                         paid = True  # the operator pays for it to go now
                     else:
-                        # Nothing of this priority or below may pass it; higher ones went first.
-                        blocked = True
-                        keep.append(waiter)
+                        # Nothing of this priority or below may pass it (higher ones went
+                        # first): the rest wait as they are, unlooked at.
+                        keep.extend(waiting[i:])
                         next_in = wait if next_in is None else min(next_in, wait)
-                        continue
+                        break
             bucket = self._chat_bucket(waiter.chat)
             if bucket is not None:
                 wait = bucket.wait_for(min(waiter.cost, bucket.capacity), now)

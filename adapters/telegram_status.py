@@ -126,6 +126,8 @@ class ChatStatus:
         line.final = final
         if line.post is not None:
             self._refresh_ack(line.post)  # an ack waiting for the budget takes the newest text
+        if droppable and line.task is not None:
+            return  # no hurry: the line's task takes the newest text when its pause ends
         self._kick(line)
 
     def delivered(
@@ -194,9 +196,18 @@ class ChatStatus:
 
     @staticmethod
     async def _pause(line: _Line, seconds: float) -> None:
-        """Sleep until `seconds` pass or the line changes (`close` counts as a change)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(line.changed.wait(), seconds)
+        """Sleep until `seconds` pass or the line changes (`close` counts as a change).
+
+        A timer that sets the line's event, not `wait_for`: that costs a task each time, and a
+        busy bot pauses its status lines some ten times a job.
+        """
+        if line.changed.is_set():
+            return
+        timer = asyncio.get_running_loop().call_later(seconds, line.changed.set)
+        try:
+            await line.changed.wait()
+        finally:
+            timer.cancel()
 
     async def _post(self, line: _Line) -> None:
         """Post the job's first status message, or join the chat's ack that waits for budget."""
