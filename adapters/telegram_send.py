@@ -12,7 +12,8 @@ The calls that post or edit a message go through PTB's `do_api_request` and hand
 (the message id and its chat) rather than a `telegram.Message`: the dedicated methods parse the
 whole answer, the replied-to command and the photo sizes included, into PTB objects, which took
 0.3–0.7 ms of the bot's one thread a call, a sixth of its CPU at load (`bench/e2e.py`), for the
-two fields the adapter reads. The request is built, limited and checked by PTB all the same.
+two fields the adapter reads. Keyboards and reply parameters go as the Bot API's JSON, not as
+PTB objects to build and turn back into JSON. PTB still builds, limits and checks each request.
 """
 
 from __future__ import annotations
@@ -26,12 +27,9 @@ from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 from telegram import (
-    InlineKeyboardButton,
-    InlineKeyboardMarkup,
     InputFile,
     InputMediaDocument,
     InputMediaPhoto,
-    ReplyParameters,
 )
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, ChatMigrated, RetryAfter
@@ -208,18 +206,19 @@ class Sender:
     # ---- calls ----------------------------------------------------------------------------
 
     @staticmethod
-    def markup(buttons: Buttons) -> InlineKeyboardMarkup | None:
+    def markup(buttons: Buttons) -> dict[str, Any] | None:
+        """An inline keyboard of one row, as the Bot API's JSON (no PTB objects to build)."""
         if not buttons:
             return None
-        return InlineKeyboardMarkup(
-            [[InlineKeyboardButton(label, callback_data=data) for label, data in buttons]]
-        )
+        return {
+            "inline_keyboard": [[{"text": label, "callback_data": data} for label, data in buttons]]
+        }
 
     @staticmethod
-    def _reply(reply_to: int | None) -> ReplyParameters | None:
+    def _reply(reply_to: int | None) -> dict[str, Any] | None:
         if reply_to is None:
             return None
-        return ReplyParameters(reply_to, allow_sending_without_reply=True)
+        return {"message_id": reply_to, "allow_sending_without_reply": True}
 
     async def _api(self, method: str, params: dict[str, Any], retries: int | None) -> Any:
         """`method` through PTB (built, limited and checked as ever), its answer left as JSON."""
