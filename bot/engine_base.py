@@ -88,12 +88,16 @@ class EngineBase:
     def _wake(self) -> None:
         self._wakeup.set()
 
+    def _fill_slots(self) -> None:
+        """Start queued jobs in the free slots now (`Scheduler` does; here, wake it)."""
+        self._wake()
+
     def _free_slot(self, job_id: str) -> None:
-        """The job stopped generating (or never started): its slot goes to the next one."""
+        """The job stopped generating (or never started): its slot goes to the next one, now."""
         provider = self._slots.pop(job_id, None)
         if provider is not None:
             self._running_by_provider[provider] -= 1
-            self._wake()
+            self._fill_slots()
 
     def _check_idle(self) -> None:
         if not self._jobs and not self._running and not self._background:

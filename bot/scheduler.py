@@ -94,21 +94,32 @@ class Scheduler(JobRunner):
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            cfg = self.config
-            # Generating jobs take a slot; finished ones storing and delivering their result
-            # hold none but are bounded too, so a slow platform backs up the queue, not memory.
-            in_flight_max = cfg.concurrency + (cfg.finishing_max or max(64, 4 * cfg.concurrency))
-            while len(self._slots) < cfg.concurrency and len(self._running) < in_flight_max:
-                job = self._queue.pop(self._provider_has_room)
-                if job is None:
-                    break
-                self._slots[job.id] = job.provider
-                self._running_by_provider[job.provider] = (
-                    self._running_by_provider.get(job.provider, 0) + 1
-                )
-                task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
-                self._running[job.id] = task
-                task.add_done_callback(functools.partial(self._job_done, job))
+            self._fill_slots()
+
+    def _fill_slots(self) -> None:
+        """Start queued jobs while there are free slots, unless the scheduler is stopped.
+
+        A freed slot fills at once, in the same step: going through the scheduler task would
+        cost the next job a turn of a loop that is busiest exactly when slots free up.
+        """
+        scheduler = self._scheduler
+        if scheduler is None or scheduler.done() or self._closing:
+            return
+        cfg = self.config
+        # Generating jobs take a slot; finished ones storing and delivering their result
+        # hold none but are bounded too, so a slow platform backs up the queue, not memory.
+        in_flight_max = cfg.concurrency + (cfg.finishing_max or max(64, 4 * cfg.concurrency))
+        while len(self._slots) < cfg.concurrency and len(self._running) < in_flight_max:
+            job = self._queue.pop(self._provider_has_room)
+            if job is None:
+                break
+            self._slots[job.id] = job.provider
+            self._running_by_provider[job.provider] = (
+                self._running_by_provider.get(job.provider, 0) + 1
+            )
+            task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+            self._running[job.id] = task
+            task.add_done_callback(functools.partial(self._job_done, job))
 
     def _job_done(self, job: Job, _task: asyncio.Task[None]) -> None:
         self._running.pop(job.id, None)
