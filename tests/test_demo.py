@@ -11,6 +11,7 @@ from bot.errors import AuthFailed, Refused, Transient
 from bot.images import ratio_size, sniff_mime, verify_image
 from bot.providers.base import GenerationRequest, NullHooks
 from bot.providers.demo import DemoProvider
+from bot.providers.http import OFF_LOOP_BYTES, verified
 
 
 def gen(prompt: str = "a lighthouse", **kw: object) -> GenerationRequest:
@@ -88,6 +89,20 @@ def test_verify_rejects_what_is_not_an_image() -> None:
         verify_image(png.getvalue(), max_bytes=10)
     ok = verify_image(png.getvalue())
     assert (ok.width, ok.height, ok.mime) == (10, 10, "image/png")
+
+
+async def test_big_results_are_verified_on_a_thread_as_strictly() -> None:
+    png = io.BytesIO()
+    Image.effect_noise((512, 512), 64).convert("RGB").save(png, format="PNG")
+    data = png.getvalue()
+    assert len(data) > OFF_LOOP_BYTES
+    ok = await verified(data)
+    assert (ok.width, ok.height, ok.mime) == (512, 512, "image/png")
+    broken = data[:1000] + bytes(len(data) - 2000) + data[-1000:]  # a zeroed middle: bad CRCs
+    with pytest.raises(Transient):
+        await verified(broken)
+    with pytest.raises(Transient):
+        await verified(data, max_bytes=OFF_LOOP_BYTES)
 
 
 def test_ratio_size() -> None:
