@@ -21,8 +21,8 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import suppress
+from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import aclosing, suppress
 from typing import Any, Literal
 
 import aiohttp
@@ -232,23 +232,28 @@ class GrsaiProvider:
                 if resp.status >= 400:
                     raw = await read_capped(resp, MAX_BODY_BYTES, "GrsAI's answer")
                     raise self._error(resp.status, _parse_object(raw), resp.headers)
-                async for obj in _json_objects(resp.content):
-                    if obj is None:
-                        if task_id is not None:
-                            raise _StreamBroken(task_id, "a line was not JSON")
-                        raise Transient("GrsAI sent a malformed stream line")
-                    task = _unwrap(obj)
-                    if task is None:  # an error envelope `{code, msg}` instead of a task
-                        if task_id is not None:
-                            raise _StreamBroken(task_id, f"an error line, code {obj.get('code')}")
-                        raise self._error(resp.status, obj, resp.headers)
-                    if task_id is None and (task_id := _task_id(task)) is not None:
-                        # Persisted before anything else: from here on, a retry must not pay again.
-                        await hooks.task_submitted(task_id)
-                        log.info("job=%s: GrsAI task %s submitted", request.job_id, task_id)
-                    if _is_terminal(task):
-                        return task
-                    await _report_progress(task, hooks)
+                # Closed here, not left to the garbage collector: asyncio finalizes an abandoned
+                # async generator through a self-pipe wakeup, a syscall on every job.
+                async with aclosing(_json_objects(resp.content)) as objects:
+                    async for obj in objects:
+                        if obj is None:
+                            if task_id is not None:
+                                raise _StreamBroken(task_id, "a line was not JSON")
+                            raise Transient("GrsAI sent a malformed stream line")
+                        task = _unwrap(obj)
+                        if task is None:  # an error envelope `{code, msg}` instead of a task
+                            if task_id is not None:
+                                raise _StreamBroken(
+                                    task_id, f"an error line, code {obj.get('code')}"
+                                )
+                            raise self._error(resp.status, obj, resp.headers)
+                        if task_id is None and (task_id := _task_id(task)) is not None:
+                            # Persisted before anything else: from here on, a retry must not pay again.
+                            await hooks.task_submitted(task_id)
+                            log.info("job=%s: GrsAI task %s submitted", request.job_id, task_id)
+                        if _is_terminal(task):
+                            return task
+                        await _report_progress(task, hooks)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if task_id is not None:
                 raise _StreamBroken(task_id, exc.__class__.__name__) from None
@@ -511,36 +516,39 @@ def _parse_object(raw: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-async def _json_objects(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any] | None]:
+async def _json_objects(
+    content: aiohttp.StreamReader,
+) -> AsyncGenerator[dict[str, Any] | None, None]:
     """The JSON objects of a GrsAI stream, None for a line that is not one.
 
     Accepts SSE-style `data: {…}` lines (blank lines, comments and `data: [DONE]` too) and bare
     JSON, one object a line or one object spread over several lines.
     """
     pending = ""
-    async for line in _lines(content):
-        text = line.strip()
-        if not text or text.startswith(":") or text.startswith(("event:", "id:", "retry:")):
-            continue
-        if text.startswith("data:"):
-            payload = text[5:].strip()
-            if payload == "[DONE]":
+    async with aclosing(_lines(content)) as lines:
+        async for line in lines:
+            text = line.strip()
+            if not text or text.startswith(":") or text.startswith(("event:", "id:", "retry:")):
+                continue
+            if text.startswith("data:"):
+                payload = text[5:].strip()
+                if payload == "[DONE]":
+                    return
+                yield _parse_object(payload.encode())
+                continue
+            pending += text
+            obj = _parse_object(pending.encode())
+            if obj is not None:
+                pending = ""
+                yield obj
+            elif len(pending) > MAX_BODY_BYTES:
+                yield None
                 return
-            yield _parse_object(payload.encode())
-            continue
-        pending += text
-        obj = _parse_object(pending.encode())
-        if obj is not None:
-            pending = ""
-            yield obj
-        elif len(pending) > MAX_BODY_BYTES:
-            yield None
-            return
     if pending:
         yield None
 
 
-async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+async def _lines(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
     """Decoded lines, each capped, without aiohttp's own line-length limit."""
     buffer = b""
     async for chunk in content.iter_any():
