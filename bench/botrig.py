@@ -1,19 +1,18 @@
 """The real bot, built the way `drawbridge run` builds it, pointed at the benches' fakes.
 
 `running_bot` loads settings with `bot.settings.load_settings` (no `.env`), opens the core with
-`bot.app.open_core` on a fresh data dir under the working directory (not /tmp, which may be a
-slower file system), and serves it with `bot.app.serve` and a `TelegramAdapter` on the fake Bot
+`bot.app.open_core` on a fresh data dir (`bench.datadir`: under the working directory unless
+`DRAWBRIDGE_BENCH_DIR` says otherwise), and serves it with `bot.app.serve` and a `TelegramAdapter` on the fake Bot
 API, with the adapter's defaults unless a bench overrides them.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
+from bench.datadir import scratch_dir
 from bench.fakehost import FakeHost
 
 
@@ -26,7 +25,7 @@ async def running_bot(
     from bot.app import open_core, serve
     from bot.settings import load_settings
 
-    with tempfile.TemporaryDirectory(prefix=".bench-", dir=Path.cwd()) as tmp:
+    with scratch_dir() as tmp:
         settings = load_settings(
             {
                 "DRAWBRIDGE_DATA_DIR": tmp,

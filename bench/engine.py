@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.datadir import scratch_dir
 from bot.adapter import StatusUpdate
 from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
@@ -84,9 +84,9 @@ async def run(
     prerendered: bool = False,
     burst: int = 200,
 ) -> dict[str, float]:
-    # The data dir sits where a real one would (the working directory's file system), not in
-    # /tmp, which may be a different and slower file system.
-    with tempfile.TemporaryDirectory(prefix=".bench-", dir=Path.cwd()) as tmp:
+    # The data dir sits where a real one would (the working directory's file system) unless
+    # DRAWBRIDGE_BENCH_DIR moves it (bench.datadir).
+    with scratch_dir() as tmp:
         store = await Store.open(Path(tmp))
         config = EngineConfig(
             concurrency=concurrency,

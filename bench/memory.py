@@ -49,7 +49,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections import defaultdict
@@ -57,6 +56,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.datadir import scratch_dir
 from bot.adapter import StatusUpdate
 from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
@@ -411,7 +411,7 @@ async def queued_child(
     n: int, users: int, prompt_chars: int, trace: bool, variants: list[str]
 ) -> dict[str, Any]:
     apply_variants(variants)
-    with tempfile.TemporaryDirectory(prefix=".bench-", dir=Path.cwd()) as tmp:
+    with scratch_dir() as tmp:
         store = await Store.open(Path(tmp))
         config = EngineConfig(
             concurrency=1,
@@ -574,7 +574,7 @@ async def images_child(
 ) -> dict[str, Any]:
     apply_variants(variants)
     png, width, height = noise_png(megabytes)
-    with tempfile.TemporaryDirectory(prefix=".bench-", dir=Path.cwd()) as tmp:
+    with scratch_dir() as tmp:
         store = await Store.open(Path(tmp))
         config = EngineConfig(
             concurrency=n,

@@ -21,7 +21,6 @@ import pstats
 import resource
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -31,6 +30,7 @@ from typing import Any, cast
 
 import bot.dbwriter
 import bot.store
+from bench.datadir import bench_root, scratch_dir
 from bench.engine import NullAdapter, run
 from bot.engine import Engine
 from bot.jobs import Job, StoredImage
@@ -165,7 +165,7 @@ def file_probe(count: int = 2000, size: int = 3000) -> tuple[float, float]:
     this machine's file system charges the image-files pool for each image (it varies a lot)."""
     write_files = getattr(bot.store, FILES_NAME)
     data = os.urandom(size)
-    with tempfile.TemporaryDirectory(prefix=".bench-", dir=Path.cwd()) as tmp:
+    with scratch_dir() as tmp:
         folders = [Path(tmp) / c for c in "abcdefghijklmnopqrstuvwxyz234567"]
         for folder in folders:
             folder.mkdir()
@@ -282,8 +282,8 @@ def main() -> None:
         )
     probe_wall, probe_cpu = file_probe()
     print(
-        f"\n  file system: creating a 3 KB file in a fresh folder costs {probe_wall:,.0f} µs "
-        f"({probe_cpu:,.0f} µs CPU)"
+        f"\n  file system: creating a 3 KB file in a fresh folder under {bench_root()} costs "
+        f"{probe_wall:,.0f} µs ({probe_cpu:,.0f} µs CPU)"
     )
     plain = one_run(args.jobs, args.users, args.concurrency, None)
     print(f"\n  plain run: {plain:,.0f} jobs/s end to end (nothing timed but the run)")
