@@ -7,7 +7,7 @@ under cProfile, and how busy each thread is.
 It runs `bench.engine.run` (real engine, durable SQLite store, the prerendered demo model, a
 null adapter) three times: plain (the jobs/s figure), timing the threads, and under cProfile. cProfile sees only
 the main thread (the event loop); the database writer's thread and the image-file pool are timed
-by wrapping the functions they run (`bot.dbwriter._transaction`, `bot.store.write_files`).
+by wrapping the functions they run (`bot.dbwriter._transaction`, `bot.image_files.write_files`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import bot.dbwriter
-import bot.store
+import bot.image_files
 from bench.datadir import bench_root, scratch_dir
 from bench.engine import NullAdapter, run
 from bot.engine import Engine
 from bot.jobs import Job, StoredImage
+from bot.store import FILE_WORKERS
 
 ROOT = Path(__file__).resolve().parent.parent
 BOT = str(ROOT / "bot") + "/"
@@ -61,9 +62,6 @@ class Clocks:
 
 
 CLOCKS = Clocks()
-# `bot.store` calls the file writer by its module-level name (`write_files` since the store
-# split, `_write_files` before it).
-FILES_NAME = "write_files" if hasattr(bot.store, "write_files") else "_write_files"
 
 
 def thread_cpu() -> float:
@@ -126,7 +124,7 @@ def instrument() -> None:
 
     bot.dbwriter._transaction = timed_transaction
 
-    write_files = getattr(bot.store, FILES_NAME)
+    write_files = bot.image_files.write_files
 
     def timed_write_files(items: Sequence[Any]) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -138,7 +136,7 @@ def instrument() -> None:
                 CLOCKS.files_cpu += time.thread_time() - c0
                 CLOCKS.files_calls += 1
 
-    setattr(bot.store, FILES_NAME, timed_write_files)
+    bot.image_files.write_files = timed_write_files
 
     start = Engine.start
 
@@ -163,7 +161,7 @@ def instrument() -> None:
 def file_probe(count: int = 2000, size: int = 3000) -> tuple[float, float]:
     """µs of wall and of CPU to create one small file in a fresh data dir, on one thread: what
     this machine's file system charges the image-files pool for each image (it varies a lot)."""
-    write_files = getattr(bot.store, FILES_NAME)
+    write_files = bot.image_files.write_files
     data = os.urandom(size)
     with scratch_dir() as tmp:
         folders = [Path(tmp) / c for c in "abcdefghijklmnopqrstuvwxyz234567"]
@@ -270,7 +268,7 @@ def main() -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.no_files:
-        setattr(bot.store, FILES_NAME, lambda items: None)
+        bot.image_files.write_files = lambda items: None
     print(
         f"drawbridge engine profile: {args.jobs:,} jobs from {args.users:,} users, zero latency, "
         f"CONCURRENCY={args.concurrency}, prerendered demo, null adapter"
@@ -297,8 +295,8 @@ def main() -> None:
         ("main (event loop), CPU time", c1 - c0),
         ("db-writer, in transactions (wall)", CLOCKS.writer_wall),
         ("db-writer, in transactions (CPU)", CLOCKS.writer_cpu),
-        ("image-files pool (6 threads), writing (wall)", CLOCKS.files_wall),
-        ("image-files pool (6 threads), writing (CPU)", CLOCKS.files_cpu),
+        (f"image-files pool ({FILE_WORKERS} threads), writing (wall)", CLOCKS.files_wall),
+        (f"image-files pool ({FILE_WORKERS} threads), writing (CPU)", CLOCKS.files_cpu),
     ]
     for name, busy in rows:
         print(f"    {name:<44} {busy:>7.2f} {busy / wall:>6.1%} {busy / args.jobs * 1e6:>7.1f}")

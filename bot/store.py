@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -15,7 +14,7 @@ from typing import Any
 import aiosqlite
 
 from bot.dbwriter import GroupWriter, Op
-from bot.image_files import make_dirs, unlink_all, write_files
+from bot.image_files import FileWriter, make_dirs, unlink_all
 from bot.images import extension_for
 from bot.job_rows import JOB_COLUMNS, insert_job_op, row_to_job
 from bot.jobs import GeneratedImage, Job, StoredImage, Target, UserRef
@@ -65,7 +64,7 @@ class Store:
         self.refs_dir = data_dir / "refs"
         self._rdb = reader_db
         self._writer = writer
-        self._files = ThreadPoolExecutor(max_workers=FILE_WORKERS, thread_name_prefix="image-files")
+        self._files = FileWriter(FILE_WORKERS)
 
     @classmethod
     async def open(cls, data_dir: Path) -> Store:
@@ -102,7 +101,7 @@ class Store:
                 await self._rdb.close()
             finally:
                 await self._writer.close()
-                self._files.shutdown(wait=True)
+                self._files.shutdown()
 
     async def __aenter__(self) -> Store:
         return self
@@ -132,7 +131,7 @@ class Store:
     async def save_reference_images(self, job_id: str, images: Sequence[bytes]) -> tuple[str, ...]:
         """Keep a job's reference images on disk, so a restart can still send them."""
         paths = [self.refs_dir / f"{job_id}-{i}" for i in range(len(images))]
-        await asyncio.to_thread(write_files, list(zip(paths, images, strict=True)))
+        await self._files.write(list(zip(paths, images, strict=True)))
         return tuple(str(p.relative_to(self.data_dir)) for p in paths)
 
     async def load_reference_images(self, paths: Sequence[str]) -> tuple[bytes, ...]:
@@ -167,7 +166,7 @@ class Store:
             for i, img in enumerate(images)
         ]
         files = [(s.path, img.data) for s, img in zip(stored, images, strict=True)]
-        await asyncio.get_running_loop().run_in_executor(self._files, write_files, files)
+        await self._files.write(files)
         await self._writer.run(*self.image_ops(stored), *ops)
         return stored
 
