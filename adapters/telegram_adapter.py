@@ -116,7 +116,7 @@ class TelegramAdapter:
             action_interval=action_interval,
             clock=clock,
         )
-        self.delivery = Delivery(self.sender)
+        self.delivery = Delivery(self.sender, self.engine.store.read_images)
         self.buttons = ButtonPresses(self)
 
     def _paid_lane(self, stars_per_day: float) -> PaidLane | None:

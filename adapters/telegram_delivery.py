@@ -8,9 +8,8 @@ Telegram refuses as a photo, goes as a document instead.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
 from telegram.error import BadRequest, Forbidden, TelegramError
@@ -73,8 +72,7 @@ def filename(image: StoredImage) -> str:
     return f"{image.job_id}-{image.index + 1}{image.path.suffix or '.png'}"
 
 
-async def _read(images: Sequence[StoredImage]) -> list[bytes]:
-    return [await asyncio.to_thread(image.path.read_bytes) for image in images]
+Reader = Callable[[Sequence[StoredImage]], Awaitable[list[bytes]]]
 
 
 def delivery_error(exc: TelegramError) -> DeliveryError:
@@ -86,15 +84,16 @@ def delivery_error(exc: TelegramError) -> DeliveryError:
 class Delivery:
     """Sends results and original files for the adapter."""
 
-    def __init__(self, sender: Sender) -> None:
+    def __init__(self, sender: Sender, read: Reader) -> None:
         self.sender = sender
+        self._read = read  # the store's `read_images`: off the loop, its hops shared
 
     async def deliver(self, job: Job, images: Sequence[StoredImage], place: Place) -> list[int]:
         """Post the result; the ids of the messages that carry it. Raises `DeliveryError`."""
         if not images:
             raise DeliveryError("no images to deliver", permanent=True)
         try:
-            datas = await _read(images)
+            datas = await self._read(images)
         except OSError as exc:
             raise DeliveryError(f"stored image unreadable: {exc}", permanent=True) from None
         caption = caption_for(job)
@@ -127,7 +126,7 @@ class Delivery:
 
     async def originals(self, images: Sequence[StoredImage], place: Place) -> list[int]:
         """The full-quality files as documents (the 📎 button)."""
-        datas = await _read(images)
+        datas = await self._read(images)
         if len(images) == 1:
             message = await self._single("document", images[0], datas[0], place, None, ())
             return [message.message_id]

@@ -7,7 +7,7 @@ under cProfile, and how busy each thread is.
 It runs `bench.engine.run` (real engine, durable SQLite store, the prerendered demo model, a
 null adapter) three times: plain (the jobs/s figure), timing the threads, and under cProfile. cProfile sees only
 the main thread (the event loop); the database writer's thread and the image-file pool are timed
-by wrapping the functions they run (`bot.dbwriter._transaction`, `bot.image_files.write_files`).
+by wrapping the functions they run (`bot.dbwriter._transaction`, `bot.store.write_files`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import bot.dbwriter
-import bot.image_files
+import bot.store
 from bench.datadir import bench_root, scratch_dir
 from bench.engine import NullAdapter, run
 from bot.engine import Engine
@@ -62,6 +62,9 @@ class Clocks:
 
 
 CLOCKS = Clocks()
+# `bot.store` calls the file writer by its module-level name (`write_files` since the store
+# split, `_write_files` before it).
+FILES_NAME = "write_files" if hasattr(bot.store, "write_files") else "_write_files"
 
 
 def thread_cpu() -> float:
@@ -124,7 +127,7 @@ def instrument() -> None:
 
     bot.dbwriter._transaction = timed_transaction
 
-    write_files = bot.image_files.write_files
+    write_files = getattr(bot.store, FILES_NAME)
 
     def timed_write_files(items: Sequence[Any]) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -136,7 +139,7 @@ def instrument() -> None:
                 CLOCKS.files_cpu += time.thread_time() - c0
                 CLOCKS.files_calls += 1
 
-    bot.image_files.write_files = timed_write_files
+    setattr(bot.store, FILES_NAME, timed_write_files)
 
     start = Engine.start
 
@@ -161,7 +164,7 @@ def instrument() -> None:
 def file_probe(count: int = 2000, size: int = 3000) -> tuple[float, float]:
     """µs of wall and of CPU to create one small file in a fresh data dir, on one thread: what
     this machine's file system charges the image-files pool for each image (it varies a lot)."""
-    write_files = bot.image_files.write_files
+    write_files = getattr(bot.store, FILES_NAME)
     data = os.urandom(size)
     with scratch_dir() as tmp:
         folders = [Path(tmp) / c for c in "abcdefghijklmnopqrstuvwxyz234567"]
@@ -268,7 +271,7 @@ def main() -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.no_files:
-        bot.image_files.write_files = lambda items: None
+        setattr(bot.store, FILES_NAME, lambda items: None)
     print(
         f"drawbridge engine profile: {args.jobs:,} jobs from {args.users:,} users, zero latency, "
         f"CONCURRENCY={args.concurrency}, prerendered demo, null adapter"

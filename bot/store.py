@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -14,11 +15,12 @@ from typing import Any
 import aiosqlite
 
 from bot.dbwriter import GroupWriter, Op
-from bot.image_files import FileWriter, make_dirs, unlink_all
+from bot.image_files import make_dirs, unlink_all, write_files
 from bot.images import extension_for
 from bot.job_rows import JOB_COLUMNS, insert_job_op, row_to_job
 from bot.jobs import GeneratedImage, Job, StoredImage, Target, UserRef
 from bot.migrations import migrate
+from bot.offload import Offloader
 from bot.operator import Blocklist, Operator, scope_of
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class Store:
         self.refs_dir = data_dir / "refs"
         self._rdb = reader_db
         self._writer = writer
-        self._files = FileWriter(FILE_WORKERS)
+        self._files = Offloader(FILE_WORKERS, "image-files")
 
     @classmethod
     async def open(cls, data_dir: Path) -> Store:
@@ -131,7 +133,7 @@ class Store:
     async def save_reference_images(self, job_id: str, images: Sequence[bytes]) -> tuple[str, ...]:
         """Keep a job's reference images on disk, so a restart can still send them."""
         paths = [self.refs_dir / f"{job_id}-{i}" for i in range(len(images))]
-        await self._files.write(list(zip(paths, images, strict=True)))
+        await self._files.run(partial(write_files, list(zip(paths, images, strict=True))))
         return tuple(str(p.relative_to(self.data_dir)) for p in paths)
 
     async def load_reference_images(self, paths: Sequence[str]) -> tuple[bytes, ...]:
@@ -166,9 +168,13 @@ class Store:
             for i, img in enumerate(images)
         ]
         files = [(s.path, img.data) for s, img in zip(stored, images, strict=True)]
-        await self._files.write(files)
+        await self._files.run(partial(write_files, files))
         await self._writer.run(*self.image_ops(stored), *ops)
         return stored
+
+    async def read_images(self, images: Sequence[StoredImage]) -> list[bytes]:
+        """The bytes of stored images, read on the image-file pool (sharing its thread hops)."""
+        return await self._files.run(lambda: [image.path.read_bytes() for image in images])
 
     def image_ops(self, images: Iterable[StoredImage]) -> list[Op]:
         return [
