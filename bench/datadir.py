@@ -21,6 +21,12 @@ def bench_root() -> Path:
     return Path(os.environ.get(BENCH_DIR_ENV) or Path.cwd())
 
 
-def scratch_dir() -> tempfile.TemporaryDirectory[str]:
-    """A fresh data dir for one run, under `bench_root()`."""
-    return tempfile.TemporaryDirectory(prefix=".bench-", dir=bench_root())
+def scratch_dir(root: Path | None = None) -> tempfile.TemporaryDirectory[str]:
+    """A fresh data dir for one run, under `root` or `bench_root()`."""
+    return tempfile.TemporaryDirectory(prefix=".bench-", dir=root or bench_root())
+
+
+def memory_root() -> Path | None:
+    """A tmpfs folder (files cost ~nothing there), to tell the engine from the disk; or None."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None

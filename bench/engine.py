@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.datadir import scratch_dir
+from bench.datadir import bench_root, memory_root, scratch_dir
 from bot.adapter import StatusUpdate
 from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
@@ -83,10 +83,11 @@ async def run(
     *,
     prerendered: bool = False,
     burst: int = 200,
+    root: Path | None = None,
 ) -> dict[str, float]:
     # The data dir sits where a real one would (the working directory's file system) unless
-    # DRAWBRIDGE_BENCH_DIR moves it (bench.datadir).
-    with scratch_dir() as tmp:
+    # DRAWBRIDGE_BENCH_DIR or `root` moves it (bench.datadir).
+    with scratch_dir(root) as tmp:
         store = await Store.open(Path(tmp))
         config = EngineConfig(
             concurrency=concurrency,
@@ -149,10 +150,13 @@ def main() -> None:
     print("drawbridge engine bench (real engine, durable SQLite store, demo model, null adapter)")
     if args.skip != "throughput":
         print(f"\nthroughput: {args.jobs} jobs from {args.users} users, zero latency, 256 px PNGs")
-        for label, prerendered in (
-            ("engine (prerendered demo)", True),
-            ("demo model rendering", False),
-        ):
+        cases: list[tuple[str, bool, Path | None]] = [
+            (f"engine (prerendered demo), data dir under {bench_root()}", True, None),
+        ]
+        if (shm := memory_root()) is not None:
+            cases.append((f"the same, data dir on tmpfs ({shm}: no disk cost)", True, shm))
+        cases.append(("demo model rendering", False, None))
+        for label, prerendered, root in cases:
             r = asyncio.run(
                 run(
                     args.jobs,
@@ -161,6 +165,7 @@ def main() -> None:
                     args.throughput_concurrency,
                     "256",
                     prerendered=prerendered,
+                    root=root,
                 )
             )
             print(f"  {label}")
