@@ -11,12 +11,14 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from zoneinfo import ZoneInfo
 
 from bot.adapter import Adapter
 from bot.catalog import Catalog
+from bot.engine_base import SlotWaiter
 from bot.engine_config import EngineConfig, Usage, new_job, new_job_id, result_cache_key
 from bot.errors import (
     Blocked,
@@ -86,6 +88,8 @@ class Engine(OperatorControls):
         self._running: dict[str, asyncio.Task[None]] = {}
         self._slots: dict[str, str] = {}  # jobs generating now → the provider they count on
         self._running_by_provider: dict[str, int] = {}
+        # Jobs that gave their slot up to fetch a result and must generate again (a retry).
+        self._slot_waiters: deque[SlotWaiter] = deque()
         self._generating: set[str] = set()  # running jobs still in the (cancellable) generate stage
         self._cancelled: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -22,6 +23,9 @@ from bot.store import Store
 from bot.texts import t
 
 log = logging.getLogger("drawbridge.engine")
+
+# (job id, provider, resolved once the job holds a generating slot again)
+SlotWaiter = tuple[str, str, "asyncio.Future[None]"]
 
 
 class EngineBase:
@@ -44,6 +48,7 @@ class EngineBase:
     _running: dict[str, asyncio.Task[None]]
     _slots: dict[str, str]  # jobs generating now → the provider they count on
     _running_by_provider: dict[str, int]
+    _slot_waiters: deque[SlotWaiter]
     _generating: set[str]  # running jobs still in the (cancellable) generate stage
     _cancelled: set[str]
     _background: set[asyncio.Task[None]]
@@ -91,6 +96,20 @@ class EngineBase:
     def _fill_slots(self) -> None:
         """Start queued jobs in the free slots now (`Scheduler` does; here, wake it)."""
         self._wake()
+
+    async def _retake_slot(self, job_id: str, provider: str) -> None:
+        """Hold a generating slot again, waiting for one if need be.
+
+        A job gives its slot up once its provider has made the images (`JobHooks.generated`),
+        so the next job starts while the result is fetched. If the fetch fails and the job must
+        generate again, it takes a slot here first: ahead of the queue, as it had its turn.
+        """
+        if job_id in self._slots:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append((job_id, provider, waiter))
+        self._fill_slots()
+        await waiter
 
     def _free_slot(self, job_id: str) -> None:
         """The job stopped generating (or never started): its slot goes to the next one, now."""

@@ -134,8 +134,10 @@ class JobRunner(EngineBase):
                 timeout_s=spec.timeout_s,
             )
 
+        provider = route.provider.name
         # Most calls succeed at once: only a failure pays for setting up the retry policy.
         try:
+            await self._retake_slot(job.id, provider)  # it holds one, unless a try gave it up
             return await self.router.call(route, request(), hooks)
         except ProviderError as exc:
             if not exc.retryable or self.config.retry_attempts <= 1:
@@ -149,6 +151,7 @@ class JobRunner(EngineBase):
                 self.config.retry_attempts - 1, self.config.retry_initial * 2
             ):
                 with attempt:
+                    await self._retake_slot(job.id, provider)
                     try:
                         return await self.router.call(route, request(), hooks)
                     except CircuitOpen as exc:
@@ -335,3 +338,7 @@ class _Hooks:
         # Queued for the very next commit, but not waited for: the provider goes on streaming
         # meanwhile, and the job's outcome (queued after it) can never overtake it.
         engine.store.post(("UPDATE jobs SET task_id = ? WHERE id = ?", (task_id, self._job.id)))
+
+    def generated(self) -> None:
+        # The provider made the images: its slot goes to the next job while they are fetched.
+        self._engine._free_slot(self._job.id)

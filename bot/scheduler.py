@@ -87,8 +87,15 @@ class Scheduler(JobRunner):
     # ---- scheduling -----------------------------------------------------------------------
 
     def _provider_has_room(self, job: Job) -> bool:
-        cap = self.config.provider_concurrency.get(job.provider)
-        return cap is None or self._running_by_provider.get(job.provider, 0) < cap
+        return self._room_on(job.provider)
+
+    def _room_on(self, provider: str) -> bool:
+        cap = self.config.provider_concurrency.get(provider)
+        return cap is None or self._running_by_provider.get(provider, 0) < cap
+
+    def _take_slot(self, job_id: str, provider: str) -> None:
+        self._slots[job_id] = provider
+        self._running_by_provider[provider] = self._running_by_provider.get(provider, 0) + 1
 
     async def _schedule(self) -> None:
         while True:
@@ -106,6 +113,18 @@ class Scheduler(JobRunner):
         if scheduler is None or scheduler.done() or self._closing:
             return
         cfg = self.config
+        # Running jobs that must generate again go first (they are running: no in-flight bound).
+        waiters = self._slot_waiters
+        while waiters and len(self._slots) < cfg.concurrency:
+            job_id, provider, waiter = waiters[0]
+            if waiter.done():  # its job was cancelled meanwhile
+                waiters.popleft()
+                continue
+            if not self._room_on(provider):
+                break
+            waiters.popleft()
+            self._take_slot(job_id, provider)
+            waiter.set_result(None)
         # Generating jobs take a slot; finished ones storing and delivering their result
         # hold none but are bounded too, so a slow platform backs up the queue, not memory.
         in_flight_max = cfg.concurrency + (cfg.finishing_max or max(64, 4 * cfg.concurrency))
@@ -113,10 +132,7 @@ class Scheduler(JobRunner):
             job = self._queue.pop(self._provider_has_room)
             if job is None:
                 break
-            self._slots[job.id] = job.provider
-            self._running_by_provider[job.provider] = (
-                self._running_by_provider.get(job.provider, 0) + 1
-            )
+            self._take_slot(job.id, job.provider)
             task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
             self._running[job.id] = task
             task.add_done_callback(functools.partial(self._job_done, job))

@@ -75,12 +75,15 @@ class ScriptedProvider:
         self.task_ids = False  # when True, report a task id before waiting
         self.hang_prompts: set[str] = set()
         self.progress_steps: Sequence[int] = ()
+        self.gates: dict[str, asyncio.Event] = {}  # prompt → held while generating
+        self.fetch_errors: dict[str, list[Exception]] = {}  # prompt → raised once made
 
     async def generate(self, request: GenerationRequest, hooks: JobHooks) -> list[GeneratedImage]:
         self.calls.append(request)
         self.started.append(request.job_id)
         self.running += 1
         self.max_running = max(self.max_running, self.running)
+        generating = True
         try:
             if self.task_ids and request.task_id is None:
                 await hooks.task_submitted(f"task-{request.job_id}")
@@ -90,15 +93,26 @@ class ScriptedProvider:
                 await asyncio.Event().wait()
             if self.gate is not None:
                 await self.gate.wait()
+            gate = self.gates.get(request.prompt)
+            if gate is not None:
+                await gate.wait()
             errors = self.errors.get(request.prompt)
             if errors:
                 raise errors.pop(0)
+            # Made: what is left (a real provider's download) is outside the generating slot.
+            self.running -= 1
+            generating = False
+            hooks.generated()
+            fetch_errors = self.fetch_errors.get(request.prompt)
+            if fetch_errors:
+                raise fetch_errors.pop(0)
             return [
                 GeneratedImage(png_bytes(color=(i * 40 % 255, 90, 10)), "image/png", 8, 8)
                 for i in range(request.n)
             ]
         finally:
-            self.running -= 1
+            if generating:
+                self.running -= 1
 
     async def aclose(self) -> None:
         return None

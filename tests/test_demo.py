@@ -34,6 +34,9 @@ class Hooks(NullHooks):
     async def task_submitted(self, task_id: str | None) -> None:
         self.tasks.append(task_id)
 
+    def generated(self) -> None:
+        return None
+
 
 async def test_two_16_9_pngs_deterministic_per_prompt_seed_index() -> None:
     demo = DemoProvider()

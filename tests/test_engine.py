@@ -85,6 +85,26 @@ async def test_concurrency_cap_is_never_exceeded(harness: Harness) -> None:
     assert len(harness.adapter.deliveries) == 30
 
 
+async def test_a_made_result_frees_its_slot_and_a_retry_waits_for_one(harness: Harness) -> None:
+    engine = await harness.engine(concurrency=1, max_pending_per_user=10)
+    provider = harness.provider
+    provider.fetch_errors["a"] = [Transient("result download failed")]
+    provider.gates["b"] = asyncio.Event()
+    a = await engine.submit(request("u1", "a"))
+    b = await engine.submit(request("u2", "b"))
+    await asyncio.sleep(0.1)
+    # a was made, so b took the one slot while a fetched; a's fetch failed and its retry
+    # waits for a slot rather than run beside b.
+    assert provider.started == [a.job_id, b.job_id]
+    assert provider.running == 1
+    provider.gates["b"].set()
+    await engine.run_until_idle()
+    assert provider.started == [a.job_id, b.job_id, a.job_id]
+    assert provider.max_running == 1
+    assert (await status_of(harness, a.job_id))[0] == "succeeded"
+    assert (await status_of(harness, b.job_id))[0] == "succeeded"
+
+
 async def test_global_and_per_user_bounds_answer_at_once(harness: Harness) -> None:
     engine = await harness.engine(start=False, queue_max=5, max_pending_per_user=2)
     await engine.submit(request("a"))

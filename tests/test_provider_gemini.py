@@ -53,6 +53,9 @@ class Hooks:
     async def task_submitted(self, task_id: str | None) -> None:
         self.tasks.append(task_id)
 
+    def generated(self) -> None:
+        return None
+
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeGemini]:

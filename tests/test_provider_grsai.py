@@ -29,6 +29,7 @@ class RecordingHooks:
 
     events: list[Event] = field(default_factory=list)
     on_task: Callable[[str | None], Awaitable[None]] | None = None
+    on_generated: Callable[[], None] | None = None
 
     async def progress(self, percent: int) -> None:
         self.events.append(("progress", percent))
@@ -37,6 +38,11 @@ class RecordingHooks:
         self.events.append(("task", task_id))
         if self.on_task is not None:
             await self.on_task(task_id)
+
+    def generated(self) -> None:
+        self.events.append(("generated", None))
+        if self.on_generated is not None:
+            self.on_generated()
 
     @property
     def tasks(self) -> list[str | None]:
@@ -103,16 +109,20 @@ async def test_stream_mode_returns_png_and_persists_the_id_first(
     fake: FakeGrsai, make_provider: ProviderFactory
 ) -> None:
     seen_at_task: list[int] = []
+    seen_at_generated: list[int] = []
 
     async def on_task(task_id: str | None) -> None:
         seen_at_task.append(fake.file_gets)
 
-    hooks = RecordingHooks(on_task=on_task)
+    hooks = RecordingHooks(
+        on_task=on_task, on_generated=lambda: seen_at_generated.append(fake.file_gets)
+    )
     images = await make_provider().generate(make_request(), hooks)
 
     assert_fake_png(images)
     assert hooks.events[0] == ("task", "task-0001")
     assert seen_at_task == [0]  # persisted before the result was fetched
+    assert seen_at_generated == [0]  # the slot may go before the download, once
     assert hooks.progress_values == [0, 30, 70]
     assert hooks.tasks == ["task-0001"]
     assert (fake.submits, fake.result_calls, fake.file_gets) == (1, 0, 1)

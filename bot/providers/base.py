@@ -42,6 +42,13 @@ class JobHooks(Protocol):
         `None` forgets a task that ended in a retryable failure, so the next attempt submits anew.
         """
 
+    def generated(self) -> None:
+        """The provider has made the images; all that is left is to fetch them.
+
+        The engine gives the job's generating slot to the next job then: a download is not a
+        generation, and `CONCURRENCY` counts generations. A retry takes a slot again.
+        """
+
 
 class Provider(Protocol):
     """An image API. Every failure is raised as a `bot.errors.ProviderError` subclass."""
@@ -63,4 +70,7 @@ class NullHooks:
         return None
 
     async def task_submitted(self, task_id: str | None) -> None:
+        return None
+
+    def generated(self) -> None:
         return None

@@ -354,6 +354,7 @@ class GrsaiProvider:
             if not urls:
                 await hooks.task_submitted(None)
                 raise Transient("GrsAI reported success without an image")
+            hooks.generated()
             session = self._get_session()
             return [
                 await download(session, url, max_bytes=self.max_image_bytes)
