@@ -93,6 +93,7 @@ class TelegramAdapter:
         if rate_limiter is None:
             rate_limiter = SendBudget(paid=self._paid_lane(paid_broadcast_stars))
         budget = rate_limiter if isinstance(rate_limiter, SendBudget) else None
+        self.paid_lane = budget.paid if budget is not None else None
         builder = (
             ApplicationBuilder()
             .token(token)
@@ -131,8 +132,18 @@ class TelegramAdapter:
             key = "alert.paid_exhausted" if kind == "exhausted" else "alert.paid_refused"
             engine.alert(f"telegram-paid:{kind}", key, stars=f"{stars_per_day:g}")  # once a day
 
+        def on_used(day: str, messages: int) -> None:
+            try:
+                engine.store.add_paid_messages("telegram", day, messages)
+            except RuntimeError:  # the store is closing: the count in memory still holds
+                log.warning("paid messages not recorded: the database writer has stopped")
+
         return PaidLane(
-            stars_per_day, today=engine.quotas.today, on_spent=counter.inc, on_event=on_event
+            stars_per_day,
+            today=engine.quotas.today,
+            on_spent=counter.inc,
+            on_event=on_event,
+            on_used=on_used,
         )
 
     # ---- service lifecycle ----------------------------------------------------------------
@@ -151,6 +162,9 @@ class TelegramAdapter:
                 f"TELEGRAM_API_URL: the Bot API at {self.api_url} did not answer getMe "
                 f"({type(exc).__name__})"
             ) from None
+        if self.paid_lane is not None:  # today's paid messages, as counted before a restart
+            day = self.engine.quotas.today()
+            self.paid_lane.resume(day, await self.engine.store.paid_messages("telegram", day))
         self.engine.register(self)
 
     async def start(self) -> None:

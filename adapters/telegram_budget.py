@@ -175,7 +175,8 @@ class PaidLane:
     `today` names the current day (the engine's quota day); the count starts again each day.
     `on_spent(messages)` hears every paid message sent; `on_event(kind)` hears "exhausted"
     (today's Stars are spent) and "refused" (Telegram refused a paid broadcast: the lane is off
-    until the bot restarts).
+    until the bot restarts). `on_used(day, delta)` hears every change to the day's count, to
+    keep it across restarts (`resume` brings it back).
     """
 
     STARS_PER_MESSAGE = 0.1
@@ -190,12 +191,14 @@ class PaidLane:
         clock: Callable[[], float] = time.monotonic,
         on_spent: Callable[[int], None] | None = None,
         on_event: Callable[[str], None] | None = None,
+        on_used: Callable[[str, int], None] | None = None,
     ) -> None:
         self.allowance = int(stars_per_day / self.STARS_PER_MESSAGE + 1e-9)  # messages a day
         self.bucket = Bucket(max(1.0, rate * (1 - headroom)), rate, clock())
         self.today = today
         self.on_spent = on_spent
         self.on_event = on_event
+        self.on_used = on_used
         self.enabled = self.allowance > 0
         self.day = today()
         self.used = 0  # messages reserved or sent today
@@ -221,9 +224,16 @@ class PaidLane:
             return False
         return self.bucket.wait_for(cost, now) == 0
 
+    def resume(self, day: str, used: int) -> None:
+        """Start from what was counted on `day` before a restart."""
+        if day == self.today():
+            self.day, self.used = day, max(self.used, used)
+
     def spend(self, cost: float, now: float) -> None:
         self.bucket.spend(cost, now)
         self.used += int(cost)
+        if self.on_used is not None:
+            self.on_used(self.day, int(cost))
 
     def settle(self, cost: float) -> None:
         """Telegram took the paid call."""
@@ -233,7 +243,10 @@ class PaidLane:
 
     def refund(self, cost: float) -> None:
         """Telegram refused the paid call: it cost nothing."""
-        self.used = max(0, self.used - int(cost))
+        given_back = min(self.used, int(cost))
+        self.used -= given_back
+        if given_back and self.on_used is not None:
+            self.on_used(self.day, -given_back)
 
     def refuse(self) -> None:
         """Telegram refuses paid broadcasts for this bot: stop asking."""

@@ -130,6 +130,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE jobs ADD COLUMN cached_from TEXT",
         "CREATE INDEX jobs_cache ON jobs(cache_key, finished_at) WHERE cache_key IS NOT NULL",
     ),
+    (
+        # v4: paid messages (Telegram's paid broadcasts) a day, so a restart keeps the count
+        # against the operator's daily allowance of Stars.
+        """
+        CREATE TABLE paid_messages (
+            platform TEXT NOT NULL,
+            day      TEXT NOT NULL,
+            messages INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (platform, day)
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -127,6 +127,26 @@ class Store:
         """Queue a unit without waiting for its commit (see `GroupWriter.post`)."""
         return self._writer.post(*ops)
 
+    def add_paid_messages(self, platform: str, day: str, messages: int) -> None:
+        """Count paid messages (negative: given back) against `day`; queued, not waited for."""
+        self.post(
+            (
+                "INSERT INTO paid_messages (platform, day, messages) VALUES (?, ?, ?) "
+                "ON CONFLICT (platform, day) DO UPDATE SET messages = messages + excluded.messages",
+                (platform, day, messages),
+            )
+        )
+
+    async def paid_messages(self, platform: str, day: str) -> int:
+        """The paid messages counted on `day`."""
+        rows = list(
+            await self._rdb.execute_fetchall(
+                "SELECT messages FROM paid_messages WHERE platform = ? AND day = ?",
+                (platform, day),
+            )
+        )
+        return max(0, int(rows[0][0])) if rows else 0
+
     async def insert_job(self, job: Job) -> None:
         await self.write(insert_job_op(job))
 

@@ -889,6 +889,26 @@ async def test_when_todays_stars_are_spent_the_bot_slows_down_and_tells_the_admi
     assert {row[1] for row in await jobs(rig.harness)} == {"succeeded"}
 
 
+async def test_todays_paid_messages_still_count_after_a_restart(rig: Rig, tg: FakeTelegram) -> None:
+    options = {"paid_broadcast_stars": 1.0}  # ten messages a day
+    engine, adapter = await rig.start(options, max_pending_per_user=5)
+    await burst(tg, 40)
+    await until(lambda: len(tg.sent("sendPhoto")) == 40, within=60)
+    await rig.idle()
+    assert tg.paid_messages == 10
+    await rig.stop(engine, adapter)
+    assert await rows(rig.harness, "SELECT platform, messages FROM paid_messages") == [
+        ("telegram", 10)
+    ]
+    # Restarted the same day: the ten are spent, so the next burst goes on the free lane only.
+    await rig.start(options, max_pending_per_user=5)
+    await burst(tg, 40)
+    await until(lambda: len(tg.sent("sendPhoto")) == 80, within=60)
+    await rig.idle()
+    assert tg.paid_messages == 10
+    assert {row[1] for row in await jobs(rig.harness)} == {"succeeded"}
+
+
 async def test_a_bot_without_paid_broadcasts_falls_back_to_the_free_lane(
     rig: Rig, tg: FakeTelegram
 ) -> None:

@@ -204,6 +204,21 @@ async def test_a_refused_paid_call_goes_free_and_turns_the_lane_off() -> None:
         assert rig.paid.used == 0  # refused calls cost nothing
 
 
+def test_the_days_count_is_reported_and_resumed() -> None:
+    changes: list[tuple[str, int]] = []
+    lane = PaidLane(
+        1.0, today=lambda: "2026-12-01", on_used=lambda day, n: changes.append((day, n))
+    )
+    lane.resume("2026-12-01", 7)  # counted before a restart, today
+    lane.resume("2026-11-30", 9)  # another day: not today's
+    assert lane.used == 7
+    lane.spend(2, 0.0)
+    lane.refund(2)  # refused: given back, and said so
+    lane.spend(1, 0.0)
+    assert changes == [("2026-12-01", 2), ("2026-12-01", -2), ("2026-12-01", 1)]
+    assert (lane.used, lane.allowance) == (8, 10)
+
+
 async def test_a_bad_call_stays_bad_and_the_lane_stays_on() -> None:
     async with paid_rig(10, overall=1, wire=Wire(bad={"broken"})) as rig:
         await rig.send("a")
