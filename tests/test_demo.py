@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import threading
 
 import pytest
 from PIL import Image
@@ -11,7 +13,7 @@ from bot.errors import AuthFailed, Refused, Transient
 from bot.images import ratio_size, sniff_mime, verify_image
 from bot.providers.base import GenerationRequest, NullHooks
 from bot.providers.demo import DemoProvider
-from bot.providers.http import OFF_LOOP_BYTES, verified
+from bot.providers.http import OFF_LOOP_BYTES, decoded, off_loop, verified
 
 
 def gen(prompt: str = "a lighthouse", **kw: object) -> GenerationRequest:
@@ -106,6 +108,21 @@ async def test_big_results_are_verified_on_a_thread_as_strictly() -> None:
         await verified(broken)
     with pytest.raises(Transient):
         await verified(data, max_bytes=OFF_LOOP_BYTES)
+
+
+async def test_big_inputs_go_off_the_loop_and_small_ones_stay() -> None:
+    def where() -> str:
+        return threading.current_thread().name
+
+    assert await off_loop(OFF_LOOP_BYTES - 1, where) == threading.current_thread().name
+    assert await off_loop(OFF_LOOP_BYTES, where) != threading.current_thread().name
+    png = io.BytesIO()
+    Image.effect_noise((512, 512), 64).convert("RGB").save(png, format="PNG")
+    b64 = base64.b64encode(png.getvalue()).decode()
+    ok = await decoded(b64)
+    assert (ok.width, ok.height, ok.mime) == (512, 512, "image/png")
+    with pytest.raises(Transient):
+        await decoded(b64[:-4000])  # truncated: not a whole PNG
 
 
 def test_ratio_size() -> None:

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -34,6 +35,7 @@ from bot.providers.base import GenerationRequest, JobHooks
 from bot.providers.http import (
     decode_base64_image,
     new_session,
+    off_loop,
     parse_retry_after,
     read_capped,
     status_error,
@@ -186,6 +188,10 @@ class GeminiProvider:
             raise Transient(f"gemini: the request failed ({exc.__class__.__name__})") from None
         if status >= 400:
             raise self._http_error(status, raw, resp_headers, model)
+        # The image comes inline, as base64 in the JSON: a big answer is read off the loop.
+        return await off_loop(len(raw), partial(self._answer, raw))
+
+    def _answer(self, raw: bytes) -> GeneratedImage:
         try:
             payload = json.loads(raw)
         except (UnicodeDecodeError, ValueError):

@@ -28,6 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -37,9 +38,10 @@ from bot.images import MAX_IMAGE_BYTES, extension_for, parse_ratio, ratio_size, 
 from bot.jobs import GeneratedImage
 from bot.providers.base import GenerationRequest, JobHooks
 from bot.providers.http import (
-    decode_base64_image,
+    decoded,
     download,
     new_session,
+    off_loop,
     parse_retry_after,
     read_capped,
 )
@@ -326,7 +328,7 @@ class OpenAIImagesProvider:
         )
         if status >= 400:
             raise self._error(status, raw, resp_headers)
-        payload = self._json(raw)
+        payload = await off_loop(len(raw), partial(self._json, raw))
         if payload is None:
             raise Transient(f"the image API sent an unreadable body (HTTP {status})")
         if isinstance(payload, dict) and payload.get("error") and not payload.get("data"):
@@ -383,7 +385,7 @@ class OpenAIImagesProvider:
                             b64 = event.get("b64_json")
                             if not isinstance(b64, str) or not b64:
                                 raise Transient("the image stream ended without an image")
-                            return [decode_base64_image(b64, self.max_image_bytes)]
+                            return [await decoded(b64, self.max_image_bytes)]
                         elif kind == "error" or "error" in event:
                             raw = json.dumps({"error": event.get("error", event)}).encode()
                             raise self._error(502, raw, resp.headers)
@@ -435,9 +437,9 @@ class OpenAIImagesProvider:
                 raise Transient("the image API sent a malformed image item")
             b64, url = item.get("b64_json"), item.get("url")
             if isinstance(b64, str) and b64:
-                images.append(decode_base64_image(b64, self.max_image_bytes))
+                images.append(await decoded(b64, self.max_image_bytes))
             elif isinstance(url, str) and url.startswith("data:"):
-                images.append(decode_base64_image(url, self.max_image_bytes))
+                images.append(await decoded(url, self.max_image_bytes))
             elif isinstance(url, str) and url.startswith(("https://", "http://")):
                 images.append(
                     await download(
