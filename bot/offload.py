@@ -55,7 +55,11 @@ class Offloader:
         return cast(T, await done)
 
     def shutdown(self) -> None:
-        """Wait for the calls on their way, then stop the threads."""
+        """Wait for the calls on their way, then stop the threads; calls not yet sent fail."""
+        pending, self._pending = self._pending, []
+        for _, done in pending:
+            if not done.done():
+                done.set_exception(RuntimeError("the thread pool was shut down"))
         self._pool.shutdown(wait=True)
 
     def _flush(self) -> None:
@@ -63,8 +67,14 @@ class Offloader:
         if not self._pending or self._busy >= self._workers:
             return  # the next worker to finish takes what waits
         batch, self._pending = self._pending, []
+        try:
+            job = self._pool.submit(run_all, [call for call, _ in batch])
+        except RuntimeError as exc:  # shut down: nothing more will run
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
         self._busy += 1
-        job = self._pool.submit(run_all, [call for call, _ in batch])
         job.add_done_callback(partial(self._wake, asyncio.get_running_loop(), batch))
 
     def _wake(

@@ -92,3 +92,19 @@ async def test_calls_gather_while_the_workers_are_busy() -> None:
         offloader.shutdown()
     assert batches == [[0, 1, 2, 3, 4, 5]]
     assert ran == [0, 1, 2, 3, 4, 5, 6]  # the rest went in one batch, in order
+
+
+async def test_calls_still_waiting_at_shutdown_fail_rather_than_hang() -> None:
+    offloader = Offloader(1, "test")
+    gate = threading.Event()
+    busy = asyncio.ensure_future(offloader.run(partial(gate.wait, 5)))
+    await asyncio.sleep(0.05)  # the only worker is busy
+    waiting = asyncio.ensure_future(offloader.run(lambda: 1))
+    await asyncio.sleep(0)
+    gate.set()
+    offloader.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        await waiting
+    assert await busy is True
+    with pytest.raises(RuntimeError):  # and a call after it fails at once
+        await offloader.run(lambda: 2)
