@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import bot.dbwriter
 from bot.dbwriter import GroupWriter
 
 
@@ -62,3 +63,26 @@ async def test_posted_units_commit_in_order_before_later_ones(
     writer.post(("UPDATE t SET v = 2 WHERE k = ?", ("x",)))
     await writer.run(("UPDATE t SET v = v * 10 WHERE k = ?", ("x",)))
     assert rows(tmp_path) == [("x", 20)]
+
+
+async def test_a_run_of_inserts_goes_as_few_statements_in_order(
+    writer: GroupWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bot.dbwriter, "ROWS_PER_INSERT", 8)
+    inserts: list[str] = []
+    await writer.call(lambda db: db.set_trace_callback(
+        lambda sql: inserts.append(sql) if sql.startswith("INSERT") else None
+    ))  # fmt: skip
+    sql = "INSERT OR REPLACE INTO t (k, v) VALUES (?, ?)"
+    await asyncio.gather(*(writer.run((sql, (f"k{i:02}", i))) for i in range(20)))
+    await writer.run((sql, ("k03", 300)), (sql, ("k03", 301)))  # in order: the last one stays
+    assert rows(tmp_path) == [(f"k{i:02}", 301 if i == 3 else i) for i in range(20)]
+    assert len(inserts) <= 4  # 20 rows, 8 a statement: three (or so) statements, not 20
+    # A bad row still fails its own unit only (the batch is retried unit by unit).
+    outcomes = await asyncio.gather(
+        writer.run(("INSERT INTO t (k, v) VALUES (?, ?)", ("new", 1))),
+        writer.run(("INSERT INTO t (k, v) VALUES (?, ?)", ("k00", 2))),  # a duplicate key
+        return_exceptions=True,
+    )
+    assert outcomes[0] is None and isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert ("new", 1) in rows(tmp_path)
