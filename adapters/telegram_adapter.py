@@ -133,10 +133,7 @@ class TelegramAdapter:
             engine.alert(f"telegram-paid:{kind}", key, stars=f"{stars_per_day:g}")  # once a day
 
         def on_used(day: str, messages: int) -> None:
-            try:
-                engine.store.add_paid_messages("telegram", day, messages)
-            except RuntimeError:  # the store is closing: the count in memory still holds
-                log.warning("paid messages not recorded: the database writer has stopped")
+            engine.store.add_paid_messages("telegram", day, messages)
 
         return PaidLane(
             stars_per_day,

@@ -76,9 +76,14 @@ class GroupWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="db-writer")
 
+    @property
+    def running(self) -> bool:
+        """Whether units can be run or posted."""
+        return self._task is not None and not self._task.done()
+
     async def run(self, *ops: Op) -> None:
         """Commit `ops` as one atomic unit, or raise the database's error."""
-        if self._task is None or self._task.done():
+        if not self.running:
             raise RuntimeError("database writer is not running")
         unit = _Unit(ops, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(unit)
@@ -91,7 +96,7 @@ class GroupWriter:
         recorded): the caller goes on at once, and the unit still commits in order before
         anything queued after it.
         """
-        if self._task is None or self._task.done():
+        if not self.running:
             raise RuntimeError("database writer is not running")
         unit = _Unit(ops, asyncio.get_running_loop().create_future())
         unit.done.add_done_callback(_log_failure)

@@ -67,6 +67,7 @@ class Store:
         self._rdb = reader_db
         self._writer = writer
         self._files = Offloader(FILE_WORKERS, "image-files")
+        self._paid: dict[tuple[str, str], int] = {}  # paid messages not yet posted
 
     @classmethod
     async def open(cls, data_dir: Path) -> Store:
@@ -96,6 +97,8 @@ class Store:
     async def close(self) -> None:
         """Flush pending writes and close both connections; always reached, even after errors."""
         try:
+            if self._paid:
+                self._post_paid()
             await self._writer.stop()
             await self._writer.call(lambda db: db.execute("PRAGMA optimize"))
         finally:
@@ -128,14 +131,32 @@ class Store:
         return self._writer.post(*ops)
 
     def add_paid_messages(self, platform: str, day: str, messages: int) -> None:
-        """Count paid messages (negative: given back) against `day`; queued, not waited for."""
-        self.post(
-            (
-                "INSERT INTO paid_messages (platform, day, messages) VALUES (?, ?, ?) "
-                "ON CONFLICT (platform, day) DO UPDATE SET messages = messages + excluded.messages",
-                (platform, day, messages),
-            )
-        )
+        """Count paid messages (negative: given back) against `day`; queued, not waited for.
+
+        The counts of one loop turn go as one statement: at a peak a thousand paid messages a
+        second each adding a row of their own would crowd the writer's transactions.
+        """
+        if not self._paid:
+            asyncio.get_running_loop().call_soon(self._post_paid)
+        key = (platform, day)
+        self._paid[key] = self._paid.get(key, 0) + messages
+
+    def _post_paid(self) -> None:
+        counts, self._paid = self._paid, {}
+        for (platform, day), messages in counts.items():
+            if messages and self._writer.running:
+                self.post(
+                    (
+                        "INSERT INTO paid_messages (platform, day, messages) VALUES (?, ?, ?) "
+                        "ON CONFLICT (platform, day) DO UPDATE SET "
+                        "messages = messages + excluded.messages",
+                        (platform, day, messages),
+                    )
+                )
+            elif messages:
+                log.warning(
+                    "%d paid messages not recorded: the database writer has stopped", messages
+                )
 
     async def paid_messages(self, platform: str, day: str) -> int:
         """The paid messages counted on `day`."""
