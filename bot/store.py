@@ -181,7 +181,7 @@ class Store:
         if not paths:
             return ()
         return tuple(
-            await asyncio.to_thread(lambda: [(self.data_dir / p).read_bytes() for p in paths])
+            await self._files.run(lambda: [(self.data_dir / p).read_bytes() for p in paths])
         )
 
     async def save_images(
@@ -332,7 +332,7 @@ class Store:
         if not jobs:
             return None
         images = await self.images_for(jobs[0].id)
-        exists = await asyncio.to_thread(lambda: all(i.path.exists() for i in images))
+        exists = await self._files.run(lambda: all(i.path.exists() for i in images))
         return (jobs[0], images) if images and exists else None
 
     async def expire_images(self, before: float) -> int:
@@ -356,7 +356,7 @@ class Store:
             )
         }
         doomed = [self.data_dir / p for p in paths - kept]
-        await asyncio.to_thread(unlink_all, doomed)
+        await self._files.run(partial(unlink_all, doomed))
         await self.write(
             *[("DELETE FROM images WHERE job_id = ? AND idx = ?", (r[0], r[1])) for r in rows]
         )
