@@ -14,6 +14,7 @@ without a scan, form bodies encoded once, multipart bodies rendered to one buffe
 from __future__ import annotations
 
 import io
+import json
 import random
 from typing import IO
 from urllib.parse import urlencode
@@ -127,10 +128,8 @@ class AiohttpRequest(BaseRequest):
                 write = max(write, len(raw) / UPLOAD_RATE)
                 total = write + (_seconds(read_timeout, self._read_timeout) or 0.0)
         elif request_data is not None:
-            # Url-encoded, as PTB's client sends it; encoded here in one call, since aiohttp
-            # builds a whole FormData (and a multipart writer) for a dict body.
-            body = urlencode(request_data.json_parameters).encode()
-            headers["Content-Type"] = FORM
+            body = json.dumps(request_data.parameters).encode()
+            headers["Content-Type"] = "application/json"
         connect = _seconds(connect_timeout, CONNECT_TIMEOUT)
         pool = _seconds(pool_timeout, POOL_TIMEOUT)
         timeout = aiohttp.ClientTimeout(
