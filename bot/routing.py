@@ -191,15 +191,23 @@ class Router:
         return same[0] if same else None
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, name: str) -> AsyncIterator[None]:
+    async def _admitted(self, name: str, hooks: JobHooks) -> AsyncIterator[JobHooks]:
+        """Through the provider's cap and rate limit; yields the hooks to call it with.
+
+        The cap counts calls generating, as `CONCURRENCY` does: it is given back when the
+        provider reports the images made (`JobHooks.generated`), not after their download.
+        """
         slot = self._slots.get(name)
         limiter = self._limiters.get(name)
-        async with contextlib.AsyncExitStack() as stack:
-            if slot is not None:
-                await stack.enter_async_context(slot)
+        if slot is not None:
+            await slot.acquire()
+        capped = _Capped(hooks, slot)
+        try:
             if limiter is not None:
-                await stack.enter_async_context(limiter)
-            yield
+                await limiter.acquire()
+            yield capped
+        finally:
+            capped.release()
 
     async def call(
         self, route: Route, request: GenerationRequest, hooks: JobHooks
@@ -209,8 +217,8 @@ class Router:
         breaker = self.breakers.get(name) or self.breakers.setdefault(name, Breaker(name))
         if name not in self._slots and name not in self._limiters:
             return await self._call(breaker, route, request, hooks)
-        async with self._admitted(name):
-            return await self._call(breaker, route, request, hooks)
+        async with self._admitted(name, hooks) as admitted:
+            return await self._call(breaker, route, request, admitted)
 
     async def _call(
         self, breaker: Breaker, route: Route, request: GenerationRequest, hooks: JobHooks
@@ -233,3 +241,26 @@ class Router:
             raise
         breaker.success()
         return images
+
+
+class _Capped:
+    """A call's hooks that give its provider cap back once, when the images are made."""
+
+    def __init__(self, hooks: JobHooks, slot: asyncio.Semaphore | None) -> None:
+        self._hooks = hooks
+        self._slot = slot
+
+    async def progress(self, percent: int) -> None:
+        await self._hooks.progress(percent)
+
+    async def task_submitted(self, task_id: str | None) -> None:
+        await self._hooks.task_submitted(task_id)
+
+    def generated(self) -> None:
+        self.release()
+        self._hooks.generated()
+
+    def release(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()

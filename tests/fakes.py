@@ -77,6 +77,7 @@ class ScriptedProvider:
         self.progress_steps: Sequence[int] = ()
         self.gates: dict[str, asyncio.Event] = {}  # prompt → held while generating
         self.fetch_errors: dict[str, list[Exception]] = {}  # prompt → raised once made
+        self.fetch_gates: dict[str, asyncio.Event] = {}  # prompt → held once made (a download)
 
     async def generate(self, request: GenerationRequest, hooks: JobHooks) -> list[GeneratedImage]:
         self.calls.append(request)
@@ -103,6 +104,9 @@ class ScriptedProvider:
             self.running -= 1
             generating = False
             hooks.generated()
+            fetch_gate = self.fetch_gates.get(request.prompt)
+            if fetch_gate is not None:
+                await fetch_gate.wait()
             fetch_errors = self.fetch_errors.get(request.prompt)
             if fetch_errors:
                 raise fetch_errors.pop(0)

@@ -12,13 +12,14 @@ from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
 from bot.errors import BadRequest, Refused, Transient
 from bot.jobs import Options, Request, Target, UserRef
+from bot.providers.base import GenerationRequest, NullHooks
 from bot.providers.gemini import GeminiProvider
 from bot.providers.grsai import GrsaiProvider
 from bot.routing import Breaker, BreakerState, Router
 from bot.store import Store
 from tests.fake_gemini import FakeGemini
 from tests.fake_grsai import FakeGrsai, Fault
-from tests.fakes import RecordingAdapter
+from tests.fakes import RecordingAdapter, ScriptedProvider
 
 
 class Clock:
@@ -74,6 +75,39 @@ def test_chains_map_a_family_to_each_providers_model() -> None:
     assert [r.spec.name for r in router.routes(gem)] == ["gemini-3-pro-image", "nano-banana-pro"]
     dalle = catalog.get("dall-e-3")
     assert dalle is not None and not router.available(dalle)  # openai is not configured
+
+
+async def test_a_provider_cap_counts_calls_generating_not_downloading() -> None:
+    """PROVIDER_CONCURRENCY=demo=1: the second call waits while the first generates, and
+    starts once the first has its images made, while it is still fetching them."""
+    provider = ScriptedProvider()
+    provider.gates["a"] = asyncio.Event()
+    provider.fetch_gates["a"] = asyncio.Event()
+    catalog = Catalog.load()
+    router = Router(catalog, {"demo": provider}, concurrency={"demo": 1})
+    spec = catalog.get("demo")
+    assert spec is not None
+    (route,) = router.routes(spec)
+
+    def call(prompt: str) -> asyncio.Task[object]:
+        req = GenerationRequest(prompt, "demo", "demo", "", prompt, 1, None, None, None)
+        return asyncio.create_task(router.call(route, req, NullHooks()))
+
+    a, b = call("a"), call("b")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert provider.started == ["a"]  # b waits for the cap while a generates
+    provider.gates["a"].set()
+    async with asyncio.timeout(5):
+        await b
+    assert provider.started == ["a", "b"] and not a.done()  # a is still fetching its images
+    provider.fetch_gates["a"].set()
+    async with asyncio.timeout(5):
+        await a
+    c = call("c")  # the cap was given back once, not twice: c alone, then one more
+    async with asyncio.timeout(5):
+        await c
+    assert router._slots["demo"]._value == 1
 
 
 def request(model: str) -> Request:
