@@ -6,7 +6,8 @@ with its caption, buttons and reply parameters) as some thirty small socket writ
 `bench/first_reply.py` and `bench/e2e.py`, that made a Bot API call cost 3–10 ms of the one
 thread that runs the bot, and 300 acks at once took seconds of CPU. `AiohttpRequest` is a PTB
 request on aiohttp (already the providers' client): a connector that hands out idle connections
-without a scan, form bodies encoded once, multipart bodies rendered to one buffer.
+without a scan, parameters sent as one JSON body (not PTB's per-parameter JSON, url-encoded),
+multipart bodies rendered to one buffer.
 
 `getUpdates` keeps PTB's own request object: one long poll at a time, where none of this matters.
 """
@@ -17,7 +18,6 @@ import io
 import json
 import random
 from typing import IO
-from urllib.parse import urlencode
 
 import aiohttp
 from telegram._utils.defaultvalue import DefaultValue
@@ -33,7 +33,6 @@ READ_TIMEOUT = 5.0
 POOL_TIMEOUT = 1.0
 MEDIA_TIMEOUT = 20.0  # sending an upload, at least (PTB's media_write_timeout)
 UPLOAD_RATE = 250_000  # bytes a second an upload may be as slow as before it times out
-FORM = "application/x-www-form-urlencoded"
 STREAM_ABOVE = 1 << 20  # bodies bigger than this are streamed in chunks (aiohttp's advice)
 
 
