@@ -368,6 +368,39 @@ async def test_url_results_are_downloaded_without_the_key() -> None:
         assert "job-2" in client.usage_by_job
 
 
+class _Seen:
+    """Hooks that note, at `generated`, how many result downloads the fake had served."""
+
+    def __init__(self, fake: FakeOpenAI) -> None:
+        self.fake = fake
+        self.at: list[int] = []
+
+    async def progress(self, percent: int) -> None:
+        return None
+
+    async def task_submitted(self, task_id: str | None) -> None:
+        return None
+
+    def generated(self) -> None:
+        self.at.append(len([r for r in self.fake.requests if r.path.startswith("/files/")]))
+
+
+async def test_url_results_free_the_slot_before_they_are_downloaded() -> None:
+    async with FakeOpenAI(url_output=True) as fake:
+        client = OpenAIImagesProvider(fake.api_key, fake.base_url)
+        try:
+            seen = _Seen(fake)
+            assert len(await client.generate(req("gpt-image-1", n=2), seen)) == 2
+            assert seen.at == [0]  # once, before either download
+            seen = _Seen(fake)
+            await client.generate(req("dall-e-3", n=2, job_id="job-2"), seen)
+            # Two calls, each with a URL: the slot is given up only once the last has answered.
+            assert seen.at == [3]
+        finally:
+            await client.aclose()
+        assert len(fake.calls("/images/generations")) == 3
+
+
 async def test_expired_url_is_expired() -> None:
     async with FakeOpenAI(url_output=True) as fake:
         fake.files_status = 404

@@ -231,11 +231,12 @@ class OpenAIImagesProvider:
         if self.partial_images and streams:
             return await self._call_streaming(request, family, size, hooks)
         if family != "dall-e-3" or request.n == 1:
-            return await self._call(request, family, size, request.n)
+            return await self._call(request, family, size, request.n, hooks)
         images: list[GeneratedImage] = []
         for index in range(request.n):
+            last = index == request.n - 1  # generating until the last call has answered
             try:
-                images += await self._call(request, family, size, 1)
+                images += await self._call(request, family, size, 1, hooks if last else None)
             except ProviderError as exc:
                 if not images:
                     raise
@@ -297,8 +298,14 @@ class OpenAIImagesProvider:
         return "/images/edits", {"data": form}
 
     async def _call(
-        self, request: GenerationRequest, family: str, size: str | None, n: int
+        self,
+        request: GenerationRequest,
+        family: str,
+        size: str | None,
+        n: int,
+        hooks: JobHooks | None,
     ) -> list[GeneratedImage]:
+        """One call for `n` images; `hooks` hears `generated` if the last call has URLs."""
         path, body = self._body(request, family, size, n)
         session = self._session_for_use()
         timeout = aiohttp.ClientTimeout(
@@ -336,7 +343,7 @@ class OpenAIImagesProvider:
             code = payload["error"].get("code") if isinstance(payload["error"], dict) else None
             as_status = code if isinstance(code, int) and 400 <= code <= 599 else 502
             raise self._error(as_status, raw, resp_headers)
-        return await self._images(request, payload, session)
+        return await self._images(request, payload, session, hooks)
 
     async def _call_streaming(
         self, request: GenerationRequest, family: str, size: str | None, hooks: JobHooks
@@ -362,7 +369,7 @@ class OpenAIImagesProvider:
                     payload = self._json(raw)  # a relay that ignored `stream`
                     if payload is None:
                         raise Transient("the image API sent an unreadable body")
-                    return await self._images(request, payload, session)
+                    return await self._images(request, payload, session, hooks)
                 buffer, seen = b"", 0
                 async for chunk in resp.content.iter_chunked(65536):
                     seen += len(chunk)
@@ -423,8 +430,17 @@ class OpenAIImagesProvider:
             return None
 
     async def _images(
-        self, request: GenerationRequest, payload: Any, session: aiohttp.ClientSession
+        self,
+        request: GenerationRequest,
+        payload: Any,
+        session: aiohttp.ClientSession,
+        hooks: JobHooks | None,
     ) -> list[GeneratedImage]:
+        """The answer's images, decoded or downloaded.
+
+        Before the first download, `hooks.generated()`: the API has made the images, and the
+        job's generating slot goes to the next job while they are fetched.
+        """
         items = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(items, list) or not items:
             raise Transient("the image API answered without images")
@@ -441,6 +457,9 @@ class OpenAIImagesProvider:
             elif isinstance(url, str) and url.startswith("data:"):
                 images.append(await decoded(url, self.max_image_bytes))
             elif isinstance(url, str) and url.startswith(("https://", "http://")):
+                if hooks is not None:
+                    hooks.generated()
+                    hooks = None
                 images.append(
                     await download(
                         session,
