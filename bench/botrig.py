@@ -3,7 +3,8 @@
 `running_bot` loads settings with `bot.settings.load_settings` (no `.env`), opens the core with
 `bot.app.open_core` on a fresh data dir (`bench.datadir`: under the working directory unless
 `DRAWBRIDGE_BENCH_DIR` says otherwise), and serves it with `bot.app.serve` and a `TelegramAdapter` on the fake Bot
-API, with the adapter's defaults unless a bench overrides them.
+API, with the adapter's defaults unless a bench overrides them, and the collector settled as
+`drawbridge run` settles it (`bot.runtime.settled_gc`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ async def running_bot(
     """Yield the serving `TelegramAdapter`; `env` adds to the bench's settings."""
     from adapters.telegram_adapter import TelegramAdapter
     from bot.app import open_core, serve
+    from bot.runtime import settled_gc
     from bot.settings import load_settings
 
     with scratch_dir() as tmp:
@@ -47,5 +49,6 @@ async def running_bot(
                 | adapter_options,
             )
             async with serve(core, [adapter]):
-                await host.reset_calls()  # getMe, setMyCommands: not part of the run
-                yield adapter
+                with settled_gc():  # as `drawbridge run` serves
+                    await host.reset_calls()  # getMe, setMyCommands: not part of the run
+                    yield adapter

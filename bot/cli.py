@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import fcntl
 import json
 import logging
@@ -21,6 +19,7 @@ from urllib.parse import urlsplit
 
 from bot import __version__
 from bot.errors import DrawbridgeError, SettingsError, UserError
+from bot.runtime import settled_gc, tune_malloc
 from bot.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -109,20 +108,10 @@ def _run_command(settings: Settings, console: bool) -> int:
             )
             return 2
         console = True
-    _tune_malloc()
+    tune_malloc()
     log_file = settings.data_dir / "drawbridge.log" if console else None
     setup_logging(settings.log_level, settings.log_format, settings.secret_values(), log_file)
     return asyncio.run(_run(settings, console, platforms))
-
-
-def _tune_malloc() -> None:
-    """Have glibc map image-sized buffers on their own, so they go back to the system when freed.
-
-    Otherwise a burst of 8 MB images leaves hundreds of MB in the heap afterwards (measured
-    with bench/memory.py). Elsewhere than glibc this does nothing.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
 
 
 async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
@@ -158,17 +147,18 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             async with serve(core, services):
-                log.info(
-                    "drawbridge running: model %s, data %s",
-                    core.engine.default_model,
-                    settings.data_dir,
-                )
-                waits = [asyncio.create_task(stop.wait())]
-                if console_adapter is not None:
-                    waits.append(asyncio.create_task(console_adapter.finished.wait()))
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for w in waits:
-                    w.cancel()
+                with settled_gc():
+                    log.info(
+                        "drawbridge running: model %s, data %s",
+                        core.engine.default_model,
+                        settings.data_dir,
+                    )
+                    waits = [asyncio.create_task(stop.wait())]
+                    if console_adapter is not None:
+                        waits.append(asyncio.create_task(console_adapter.finished.wait()))
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    for w in waits:
+                        w.cancel()
     return 0
 
 

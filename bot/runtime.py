@@ -1,0 +1,45 @@
+"""Process-wide settings for a bot that runs for days: the allocator and the cyclic collector."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+from collections.abc import Iterator
+
+# The collector's generation thresholds while the bot serves (CPython's default: 700, 10, 10).
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def tune_malloc() -> None:
+    """Have glibc map image-sized buffers on their own, so they go back to the system when freed.
+
+    Otherwise a burst of 8 MB images leaves hundreds of MB in the heap afterwards (measured
+    with bench/memory.py). Elsewhere than glibc this does nothing.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+
+
+@contextlib.contextmanager
+def settled_gc() -> Iterator[None]:
+    """While serving: what start-up built is frozen, and the young generation is larger.
+
+    Measured at 2,000 jobs in `bench.e2e` (12 s): with CPython's defaults the cyclic collector
+    ran ~1,500 times, 2.6 s of the loop's CPU, and each of its ~11 full collections walked every
+    object the process holds (PTB's, aiohttp's, the settings, the catalog) for ~115 ms, a stall
+    of every job's hand-off to the next. Frozen, start-up's objects are left out of every later
+    collection; with a young generation of 50,000 a request's short-lived objects die of their
+    reference counts before a collection sees them: 0.3 s of collections in all. Refcounting
+    still frees everything without cycles at once, so memory does not wait for a collection.
+    On exit the thresholds are restored and the frozen objects returned to the collector.
+    """
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
