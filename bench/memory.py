@@ -33,6 +33,7 @@ proposed for bot/:
     drop-images   the generated image bytes are let go once stored, before delivery
     mmap-threshold  glibc's mmap threshold fixed at 1 MiB (mallopt), so big buffers are
                   mmapped and go back to the OS when freed
+    settled-gc    the collector as `drawbridge run` serves with it (`bot.runtime.settled_gc`)
 """
 
 from __future__ import annotations
@@ -261,6 +262,13 @@ def _mmap_threshold() -> None:
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
 
 
+def _settled_gc() -> None:
+    # What `drawbridge run` serves with (bot.runtime.settled_gc), entered here for the process.
+    from bot.runtime import settled_gc
+
+    settled_gc().__enter__()
+
+
 VARIANTS: dict[str, Callable[[], None]] = {
     "baseline": lambda: None,
     "share-keys": _share_keys,
@@ -269,6 +277,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "list-lines": _list_lines,
     "drop-images": _drop_images,
     "mmap-threshold": _mmap_threshold,
+    "settled-gc": _settled_gc,
 }
 
 
