@@ -30,7 +30,7 @@ def settled_gc() -> Iterator[None]:
     object the process holds (PTB's, aiohttp's, the settings, the catalog) for ~115 ms, a stall
     of every job's hand-off to the next. Frozen, start-up's objects are left out of every later
     collection; with a young generation of 50,000 a request's short-lived objects die of their
-    reference counts before a collection sees them: 0.3 s of collections in all. Refcounting
+    reference counts before a collection sees them: ~0.2 s of collections in the run. Refcounting
     still frees everything without cycles at once, so memory does not wait for a collection.
     On exit the thresholds are restored and the frozen objects returned to the collector.
     """
