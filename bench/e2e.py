@@ -326,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the bot's runs: free (Telegram's ~30 messages a second), paid, or both",
     )
     args = p.parse_args(argv)
+    lanes = [lane.strip() for lane in args.lanes.split(",") if lane.strip()]
+    if not lanes or set(lanes) - {"free", "paid"}:
+        p.error(f"--lanes takes free, paid or free,paid, not {args.lanes!r}")
     if args.jobs is not None:
         scenarios = [
             Scenario(
@@ -344,7 +347,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         "makespan efficiency: real bot through Telegram vs the naive batch client, same fake GrsAI"
     )
     for scenario in scenarios:
-        lanes = [lane.strip() for lane in args.lanes.split(",") if lane.strip()]
         lines = run_scenario(
             scenario, args.naive_connector_limit, args.paid_stars, args.repeat, lanes
         )
