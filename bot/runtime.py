@@ -33,6 +33,9 @@ def settled_gc() -> Iterator[None]:
     reference counts before a collection sees them: ~0.2 s of collections in the run. Refcounting
     still frees everything without cycles at once, so memory does not wait for a collection.
     On exit the thresholds are restored and the frozen objects returned to the collector.
+    A frozen object that later ends up in a reference cycle waits for that exit: entered once
+    the bot has started, what it freezes is the bot's long-lived state (and the jobs resumed
+    at start, a bounded, one-time set).
     """
     before = gc.get_threshold()
     gc.collect()
