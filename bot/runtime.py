@@ -28,10 +28,11 @@ def settled_gc() -> Iterator[None]:
     Measured at 2,000 jobs in `bench.e2e`, from the burst to the last photo (~12 s): with
     CPython's defaults the cyclic collector ran ~930 times, 2.2 s of the loop's CPU, and each of
     its 7 full collections walked every object the process holds (PTB's, aiohttp's, the
-    settings, the catalog) for 100–180 ms, a stall of every job's hand-off to the next. Frozen, start-up's objects are left out of every later
-    collection; with a young generation of 50,000 a request's short-lived objects die of their
-    reference counts before a collection sees them: 3 collections, 0.12 s. Refcounting
-    still frees everything without cycles at once, so memory does not wait for a collection.
+    settings, the catalog) for 100–180 ms, a stall of every job's hand-off to the next.
+    Frozen, start-up's objects are left out of every later collection; with a young generation
+    of 50,000 a request's short-lived objects die of their reference counts before a collection
+    sees them: 3 collections, 0.12 s. Refcounting still frees everything without cycles at
+    once, so memory does not wait for a collection.
     On exit the thresholds are restored and the frozen objects returned to the collector.
     A frozen object that later ends up in a reference cycle waits for that exit: entered once
     the bot has started, what it freezes is the bot's long-lived state (and the jobs resumed
