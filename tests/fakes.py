@@ -60,6 +60,18 @@ class RecordingAdapter:
 Behaviour = Callable[[GenerationRequest, JobHooks], "asyncio.Future[None] | None"]
 
 
+async def _scripted(
+    gates: dict[str, asyncio.Event], errors: dict[str, list[Exception]], prompt: str
+) -> None:
+    """Wait at the prompt's gate, if it has one, then raise its next scripted error, if any."""
+    gate = gates.get(prompt)
+    if gate is not None:
+        await gate.wait()
+    queued = errors.get(prompt)
+    if queued:
+        raise queued.pop(0)
+
+
 class ScriptedProvider:
     """A provider whose calls a test controls: gates, failures, task ids; it counts everything."""
 
@@ -94,22 +106,12 @@ class ScriptedProvider:
                 await asyncio.Event().wait()
             if self.gate is not None:
                 await self.gate.wait()
-            gate = self.gates.get(request.prompt)
-            if gate is not None:
-                await gate.wait()
-            errors = self.errors.get(request.prompt)
-            if errors:
-                raise errors.pop(0)
+            await _scripted(self.gates, self.errors, request.prompt)
             # Made: what is left (a real provider's download) is outside the generating slot.
             self.running -= 1
             generating = False
             hooks.generated()
-            fetch_gate = self.fetch_gates.get(request.prompt)
-            if fetch_gate is not None:
-                await fetch_gate.wait()
-            fetch_errors = self.fetch_errors.get(request.prompt)
-            if fetch_errors:
-                raise fetch_errors.pop(0)
+            await _scripted(self.fetch_gates, self.fetch_errors, request.prompt)
             return [
                 GeneratedImage(png_bytes(color=(i * 40 % 255, 90, 10)), "image/png", 8, 8)
                 for i in range(request.n)
