@@ -21,6 +21,11 @@ limits off on both sides (the fake's and the bot's own send budget), which a rea
 do but which isolates the bot's own latency. One more run gives the bot Telegram's paid
 broadcasts (`TELEGRAM_PAID_BROADCAST_STARS`): messages past the free 30 a second go at up to 1000
 a second, for 0.1 Star each.
+
+The last row is the floor under any bot on the same parts (`bare_client`): no engine, no rows,
+no budget, just the same long poll, each update parsed into PTB's `Update` and answered with one
+`sendMessage` over aiohttp (as many connections at once as the bot's), with the fake's flood
+limits off. Whatever the bot adds on its own is the gap between that row and the limits-off one.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from dataclasses import dataclass
 
 from bench.botrig import running_bot
 from bench.e2e import SEND_BURST, SEND_RATE
-from bench.fakehost import POSTS, RESULTS, FakeHost
+from bench.fakehost import POSTS, RESULTS, CallRecord, FakeHost
 
 FIRST_USER = 5000
 PAID_RATE = 1000.0  # Telegram's paid broadcasts: messages a second
@@ -95,6 +100,80 @@ async def measure(
         calls = await host.calls()
     if not done:
         print(f"  ! {label}: not every chat had a reply within {within:g} s")
+    if not limits:
+        floor = [0.0] * commands
+    elif paid_stars > 0:
+        floor = send_floor(commands, PAID_RATE, PAID_RATE)  # 1000 a second past the free 30
+    else:
+        floor = send_floor(commands)
+    return _result(label, users, stamps, calls, floor)
+
+
+async def bare_client(host: FakeHost, stop: asyncio.Event) -> None:
+    """Answer every update with one `sendMessage`: PTB's `Update` parsing and aiohttp, no more."""
+    import json
+
+    import aiohttp
+    from telegram import Update
+
+    from adapters.telegram_http import POOL_SIZE
+
+    api = f"{host.tg_url}/bot{host.token}"
+    headers = {"Content-Type": "application/json"}
+
+    async def answer(session: aiohttp.ClientSession, chat_id: int) -> None:
+        body = json.dumps({"chat_id": chat_id, "text": "⏳ Queued: a lighthouse"}).encode()
+        async with session.post(f"{api}/sendMessage", data=body, headers=headers) as response:
+            json.loads(await response.read())
+
+    connector = aiohttp.TCPConnector(limit=POOL_SIZE)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        offset = 0
+        tasks: set[asyncio.Task[None]] = set()
+        while not stop.is_set():
+            poll = json.dumps({"offset": offset, "timeout": 0.2, "limit": 100}).encode()
+            async with session.post(f"{api}/getUpdates", data=poll, headers=headers) as response:
+                updates = json.loads(await response.read())["result"]
+            for data in updates:
+                update = Update.de_json(data, None)
+                offset = update.update_id + 1
+                if update.effective_chat is not None:
+                    task = asyncio.create_task(answer(session, update.effective_chat.id))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+
+
+async def measure_bare(label: str, commands: int, within: float = 120.0) -> Result:
+    """The floor: the same burst answered by `bare_client`, the fake's flood limits off."""
+    gc.collect()
+    async with FakeHost(flood_limits=False) as host:
+        stop = asyncio.Event()
+        client = asyncio.create_task(bare_client(host, stop))
+        warm = [WARM_USER + i for i in range(WARM_COMMANDS)]
+        await host.push([(u, "/help") for u in warm])
+        await host.wait_chats(len(warm), within)
+        await asyncio.sleep(1.5)
+        await host.reset_calls()
+        users = [FIRST_USER + i for i in range(commands)]
+        stamps = await host.push([(u, f"/imagine a lighthouse number {u}") for u in users])
+        done = await host.wait_chats(commands, within)
+        calls = await host.calls()
+        stop.set()
+        await client
+    if not done:
+        print(f"  ! {label}: not every chat had a reply within {within:g} s")
+    return _result(label, users, stamps, calls, [0.0] * commands)
+
+
+def _result(
+    label: str,
+    users: list[int],
+    stamps: list[float],
+    calls: Sequence[CallRecord],
+    floor: list[float],
+) -> Result:
+    """Each chat's first message after its command, from the fake's record of the calls."""
     pushed = dict(zip(users, stamps, strict=True))
     first: dict[int, tuple[float, str]] = {}
     for call in calls:
@@ -103,13 +182,7 @@ async def measure(
             first[chat] = (call.at - pushed[chat], call.method)
     latencies = sorted(at for at, _ in first.values())
     acks = sum(1 for _, method in first.values() if method not in RESULTS)
-    if not limits:
-        floor = [0.0] * commands
-    elif paid_stars > 0:
-        floor = send_floor(commands, PAID_RATE, PAID_RATE)  # 1000 a second past the free 30
-    else:
-        floor = send_floor(commands)
-    return Result(label, commands, latencies, acks, floor)
+    return Result(label, len(users), latencies, acks, floor)
 
 
 def table(results: Sequence[Result], latency: float) -> list[str]:
@@ -157,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for label, count, limits, stars in runs
         if stars > 0 or "paid" not in label
     ]
+    results.append(asyncio.run(measure_bare(f"{n} at once, PTB + aiohttp alone (floor)", n)))
     for line in table(results, args.latency):
         print(line)
 

@@ -12,7 +12,7 @@ import pytest
 
 from bench.e2e import Scenario, bot_run, naive_client, send_bound
 from bench.fakehost import FakeHost
-from bench.first_reply import measure, send_floor
+from bench.first_reply import measure, measure_bare, send_floor
 
 
 @pytest.fixture(autouse=True)
@@ -46,4 +46,11 @@ async def test_e2e_bench_smoke() -> None:
 async def test_first_reply_bench_smoke() -> None:
     result = await measure("smoke", 20, 0.1, limits=True, within=20)
     assert len(result.latencies) == 20
+    assert all(0 < x < 5 for x in result.latencies)
+
+
+@pytest.mark.timeout(30)
+async def test_first_reply_floor_answers_every_chat_once() -> None:
+    result = await measure_bare("floor", 20, within=20)
+    assert len(result.latencies) == 20 and result.acks == 20
     assert all(0 < x < 5 for x in result.latencies)
