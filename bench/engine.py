@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.datadir import bench_root, memory_root, scratch_dir
+from bench.datadir import bench_root, create_cost, memory_root, scratch_dir
 from bot.adapter import StatusUpdate
 from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
@@ -154,6 +154,11 @@ def main() -> None:
     print("drawbridge engine bench (real engine, durable SQLite store, demo model, null adapter)")
     if args.skip != "throughput":
         print(f"\nthroughput: {args.jobs} jobs from {args.users} users, zero latency, 256 px PNGs")
+        _, cpu = create_cost()
+        print(
+            f"  (creating a 3 KB file under {bench_root()} costs {cpu:,.0f} µs of CPU just now; "
+            "see bench/datadir.py)"
+        )
         cases: list[tuple[str, bool, Path | None]] = [
             (f"engine (prerendered demo), data dir under {bench_root()}", True, None),
         ]

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import cProfile
 import functools
-import os
 import pstats
 import resource
 import sqlite3
@@ -30,7 +29,7 @@ from typing import Any, cast
 
 import bot.dbwriter
 import bot.store
-from bench.datadir import bench_root, scratch_dir
+from bench.datadir import bench_root, create_cost
 from bench.engine import NullAdapter, run
 from bot.engine import Engine
 from bot.jobs import Job, StoredImage
@@ -161,22 +160,6 @@ def instrument() -> None:
     NullAdapter.deliver = timed_deliver  # type: ignore[method-assign]
 
 
-def file_probe(count: int = 2000, size: int = 3000) -> tuple[float, float]:
-    """µs of wall and of CPU to create one small file in a fresh data dir, on one thread: what
-    this machine's file system charges the image-files pool for each image (it varies a lot)."""
-    write_files = getattr(bot.store, FILES_NAME)
-    data = os.urandom(size)
-    with scratch_dir() as tmp:
-        folders = [Path(tmp) / c for c in "abcdefghijklmnopqrstuvwxyz234567"]
-        for folder in folders:
-            folder.mkdir()
-        items = [(folders[i % 32] / f"probe{i}.png", data) for i in range(count)]
-        t0, c0 = time.perf_counter(), time.thread_time()
-        write_files(items)
-        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-    return wall / count * 1e6, cpu / count * 1e6
-
-
 def one_run(jobs: int, users: int, concurrency: int, profile: cProfile.Profile | None) -> float:
     CLOCKS.reset()
     statement_kind.cache_clear()
@@ -281,7 +264,7 @@ def main() -> None:
             f"  experiment: switch interval {sys.getswitchinterval() * 1000:g} ms"
             + (", image files not written" if args.no_files else "")
         )
-    probe_wall, probe_cpu = file_probe()
+    probe_wall, probe_cpu = create_cost()
     print(
         f"\n  file system: creating a 3 KB file in a fresh folder under {bench_root()} costs "
         f"{probe_wall:,.0f} µs ({probe_cpu:,.0f} µs CPU)"
