@@ -44,6 +44,7 @@ import aiohttp
 
 from bench.botrig import running_bot
 from bench.fakehost import POSTS, RESULTS, CallRecord, FakeHost
+from bot import runtime
 
 SEND_RATE = 30.0  # Telegram: messages a second, all chats together (the fake's leaky bucket)
 SEND_BURST = 30.0
@@ -350,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         lines = run_scenario(
             scenario, args.naive_connector_limit, args.paid_stars, args.repeat, lanes
         )
-        for line in asyncio.run(lines):
+        for line in runtime.run(lines):
             print(line, flush=True)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.datadir import bench_root, create_cost, memory_root, scratch_dir
+from bot import runtime
 from bot.adapter import StatusUpdate
 from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
@@ -166,7 +167,7 @@ def main() -> None:
             cases.append((f"the same, data dir on tmpfs ({shm}: no disk cost)", True, shm))
         cases.append(("demo model rendering", False, None))
         for label, prerendered, root in cases:
-            r = asyncio.run(
+            r = runtime.run(
                 run(
                     args.jobs,
                     args.users,
@@ -187,7 +188,7 @@ def main() -> None:
             print(f"    {'succeeded rows':<28} {r['succeeded_rows']:>10,.0f}")
     if args.skip != "efficiency":
         n, c, lat = args.efficiency_jobs, args.concurrency, args.latency
-        r = asyncio.run(run(n, max(1, n // 5), lat, c, "256"))
+        r = runtime.run(run(n, max(1, n // 5), lat, c, "256"))
         ideal = math.ceil(n / c) * lat
         print(f"\nefficiency: {n} jobs, latency {lat:g} s, CONCURRENCY={c}")
         print(f"  {'ideal makespan':<30} {ideal:>10.2f} s")

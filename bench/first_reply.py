@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from bench.botrig import running_bot
 from bench.e2e import SEND_BURST, SEND_RATE
 from bench.fakehost import POSTS, RESULTS, CallRecord, FakeHost
+from bot import runtime
 
 FIRST_USER = 5000
 PAID_RATE = 1000.0  # Telegram's paid broadcasts: messages a second
@@ -226,11 +227,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         (f"{n} at once, flood limits off (diagnostic)", n, False, 0.0),
     ]
     results = [
-        asyncio.run(measure(label, count, args.latency, limits=limits, paid_stars=stars))
+        runtime.run(measure(label, count, args.latency, limits=limits, paid_stars=stars))
         for label, count, limits, stars in runs
         if stars > 0 or "paid" not in label
     ]
-    results.append(asyncio.run(measure_bare(f"{n} at once, PTB + aiohttp alone (floor)", n)))
+    results.append(runtime.run(measure_bare(f"{n} at once, PTB + aiohttp alone (floor)", n)))
     for line in table(results, args.latency):
         print(line)
 

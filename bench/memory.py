@@ -60,6 +60,7 @@ from typing import Any
 
 import bot.fairqueue
 from bench.datadir import scratch_dir
+from bot import runtime
 from bot.adapter import StatusUpdate
 from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
@@ -658,7 +659,7 @@ def run_child(spec: str) -> None:
     kind = p.pop("kind")
     fn = queued_child if kind == "queued" else images_child
     try:
-        print("RESULT " + json.dumps(asyncio.run(fn(**p))))
+        print("RESULT " + json.dumps(runtime.run(fn(**p))))
     except BaseException:
         # Say why and go: the store's threads would otherwise keep the child, and so the
         # parent waiting for it, alive for ever.

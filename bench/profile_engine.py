@@ -13,7 +13,6 @@ by wrapping the functions they run (`bot.dbwriter._transaction`, `bot.store.writ
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import functools
 import pstats
@@ -31,6 +30,7 @@ import bot.dbwriter
 import bot.store
 from bench.datadir import bench_root, create_cost
 from bench.engine import NullAdapter, run
+from bot import runtime
 from bot.engine import Engine
 from bot.jobs import Job, StoredImage
 from bot.store import FILE_WORKERS
@@ -164,7 +164,7 @@ def one_run(jobs: int, users: int, concurrency: int, profile: cProfile.Profile |
     CLOCKS.reset()
     statement_kind.cache_clear()
     coro = run(jobs, users, 0.0, concurrency, "256", prerendered=True)
-    result = asyncio.run(coro) if profile is None else profile.runcall(asyncio.run, coro)
+    result = runtime.run(coro) if profile is None else profile.runcall(runtime.run, coro)
     return jobs / result["total_s"]
 
 

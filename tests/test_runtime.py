@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 
 import pytest
 
+from bot import runtime
 from bot.runtime import GC_THRESHOLDS, settled_gc
 
 
@@ -37,3 +39,18 @@ def test_the_collector_is_restored_when_serving_fails() -> None:
         raise RuntimeError("the bot stopped")
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_run_serves_on_uvloop_and_returns_the_coroutines_value() -> None:
+    async def which() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert runtime.run(which()).startswith("uvloop")
+
+
+def test_run_raises_what_the_coroutine_raised() -> None:
+    async def fail() -> None:
+        raise LookupError("no such job")
+
+    with pytest.raises(LookupError, match="no such job"):
+        runtime.run(fail())
