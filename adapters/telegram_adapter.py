@@ -39,6 +39,7 @@ from adapters.telegram_buttons import ButtonPresses, cancel_button
 from adapters.telegram_delivery import Delivery
 from adapters.telegram_http import AiohttpRequest
 from adapters.telegram_input import AskKind, fetch_reference, read_message
+from adapters.telegram_intake import INTAKE_WAIT, GatedPollRequest, IntakeGate
 from adapters.telegram_send import Buttons, Sender, place_of
 from adapters.telegram_status import ChatStatus
 from bot.adapter import StatusKind, StatusUpdate
@@ -79,6 +80,7 @@ class TelegramAdapter:
         reference_max_bytes: int = REFERENCE_MAX_BYTES,
         rate_limiter: BaseRateLimiter[Any] | None = None,
         paid_broadcast_stars: float = 0.0,
+        intake_wait: float = INTAKE_WAIT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
@@ -94,18 +96,21 @@ class TelegramAdapter:
             rate_limiter = SendBudget(paid=self._paid_lane(paid_broadcast_stars))
         budget = rate_limiter if isinstance(rate_limiter, SendBudget) else None
         self.paid_lane = budget.paid if budget is not None else None
+        self.intake = IntakeGate(wait=intake_wait)
         builder = (
             ApplicationBuilder()
             .token(token)
             .base_url(f"{api_url}/bot")
             .base_file_url(f"{api_url}/file/bot")
             .request(AiohttpRequest())
+            .get_updates_request(GatedPollRequest(self.intake))
             .rate_limiter(rate_limiter)
-            .concurrent_updates(True)
+            .concurrent_updates(self.intake)
         )
         if webhook_url:
             builder = builder.updater(None)
         self.app: Application[Any, Any, Any, Any, Any, Any] = builder.build()
+        self.intake.watch(self.app.update_queue)
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         self.app.add_handler(CallbackQueryHandler(self._on_callback))
         self.app.add_error_handler(self._on_error)

@@ -931,3 +931,41 @@ async def test_a_bot_without_paid_broadcasts_falls_back_to_the_free_lane(
     (alert,) = [c for c in tg.sent("sendMessage") if c.chat_id == ADMIN]
     assert "refused" in (alert.text or "")
     assert {row[1] for row in await jobs(rig.harness)} == {"succeeded"}
+
+
+# ---- taking a burst in -----------------------------------------------------------------------
+
+
+async def test_a_burst_is_taken_a_batch_at_a_time_and_every_command_answered_once(
+    rig: Rig, tg: FakeTelegram, provider: ShapedProvider
+) -> None:
+    provider.gate = asyncio.Event()  # jobs wait: only the intake is measured
+    engine, _ = await rig.start({"intake_wait": 30.0}, queue_max=500, max_pending_per_user=5)
+
+    def accepted() -> float:
+        return sum(
+            sample.value
+            for metric in engine.metrics.registry.collect()
+            if metric.name == "drawbridge_jobs_submitted"
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+
+    polls: list[tuple[int, float]] = []  # (the poll's offset, jobs accepted when it came)
+    serve_poll = tg._m_getUpdates
+
+    async def recording(p: dict[str, Any], f: dict[str, Any]) -> Any:
+        polls.append((int(p.get("offset") or 0), accepted()))
+        return await serve_poll(p, f)
+
+    tg._m_getUpdates = recording  # type: ignore[method-assign]
+    users = range(5000, 5120)  # a full batch of 100 and some
+    for u in users:
+        tg.message(f"/imagine a lighthouse number {u}", user=tg.user(u), chat=tg.chat(u))
+    ids = [u["update_id"] for u in tg._updates]
+    await until(lambda: {c.chat_id for c in tg.sent("sendMessage")} >= set(users), within=30)
+    # Each poll that confirmed updates (its offset past them) came once they were all jobs.
+    confirmed = [(sum(1 for i in ids if i < offset), jobs) for offset, jobs in polls if offset]
+    assert confirmed and confirmed[-1][0] == 120
+    assert all(jobs >= count for count, jobs in confirmed)
+    assert len([c for c in tg.sent("sendMessage") if c.chat_id in set(users)]) == 120
