@@ -22,10 +22,10 @@ do but which isolates the bot's own latency. One more run gives the bot Telegram
 broadcasts (`TELEGRAM_PAID_BROADCAST_STARS`): messages past the free 30 a second go at up to 1000
 a second, for 0.1 Star each.
 
-The last row is the floor under any bot on the same parts (`bare_client`): no engine, no rows,
-no budget, just the same long poll, each update parsed into PTB's `Update` and answered with one
-`sendMessage` over aiohttp (as many connections at once as the bot's), with the fake's flood
-limits off. Whatever the bot adds on its own is the gap between that row and the limits-off one.
+The last row is the parts alone (`bare_client`): no engine, no rows, no budget, just the same
+long poll, each update parsed into PTB's `Update` and answered with one `sendMessage` over aiohttp
+(as many connections at once as the bot's), with the fake's flood limits off: what the libraries
+and the fake Bot API cost on this machine for the burst before the bot does anything of its own.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ async def bare_client(host: FakeHost, stop: asyncio.Event) -> None:
 
 
 async def measure_bare(label: str, commands: int, within: float = 120.0) -> Result:
-    """The floor: the same burst answered by `bare_client`, the fake's flood limits off."""
+    """The parts alone: the same burst answered by `bare_client`, the fake's flood limits off."""
     gc.collect()
     async with FakeHost(flood_limits=False) as host:
         stop = asyncio.Event()
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for label, count, limits, stars in runs
         if stars > 0 or "paid" not in label
     ]
-    results.append(runtime.run(measure_bare(f"{n} at once, PTB + aiohttp alone (floor)", n)))
+    results.append(runtime.run(measure_bare(f"{n} at once, PTB + aiohttp alone, no bot", n)))
     for line in table(results, args.latency):
         print(line)
 

@@ -50,7 +50,7 @@ async def test_first_reply_bench_smoke() -> None:
 
 
 @pytest.mark.timeout(30)
-async def test_first_reply_floor_answers_every_chat_once() -> None:
-    result = await measure_bare("floor", 20, within=20)
+async def test_first_reply_parts_alone_answer_every_chat_once() -> None:
+    result = await measure_bare("parts alone", 20, within=20)
     assert len(result.latencies) == 20 and result.acks == 20
     assert all(0 < x < 5 for x in result.latencies)
