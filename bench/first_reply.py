@@ -88,19 +88,7 @@ async def measure(
     options = {} if limits else {"rate_limiter": SendBudget(overall=None, group=None)}
     gc.collect()  # no garbage from an earlier run collected during this one
     async with FakeHost(flood_limits=limits) as host, running_bot(host, env, **options):
-        # Warm up as a bot that has been running would be: connections open, code paths taken.
-        # `/help` makes no job, so nothing of the warm-up is left to compete with the run.
-        warm = [WARM_USER + i for i in range(WARM_COMMANDS)]
-        await host.push([(u, "/help") for u in warm])
-        await host.wait_chats(len(warm), within)
-        await asyncio.sleep(1.5)  # the send budget refills
-        await host.reset_calls()
-        users = [FIRST_USER + i for i in range(commands)]
-        stamps = await host.push([(u, f"/imagine a lighthouse number {u}") for u in users])
-        done = await host.wait_chats(commands, within)
-        calls = await host.calls()
-    if not done:
-        print(f"  ! {label}: not every chat had a reply within {within:g} s")
+        users, stamps, calls = await _burst(host, label, commands, within)
     if not limits:
         floor = [0.0] * commands
     elif paid_stars > 0:
@@ -108,6 +96,24 @@ async def measure(
     else:
         floor = send_floor(commands)
     return _result(label, users, stamps, calls, floor)
+
+
+async def _burst(
+    host: FakeHost, label: str, commands: int, within: float
+) -> tuple[list[int], list[float], list[CallRecord]]:
+    """Warm up, then `commands` users each send `/imagine` at once; the fake's record of it."""
+    # Warm up as a bot that has been running would be: connections open, code paths taken.
+    # `/help` makes no job, so nothing of the warm-up is left to compete with the run.
+    warm = [WARM_USER + i for i in range(WARM_COMMANDS)]
+    await host.push([(u, "/help") for u in warm])
+    await host.wait_chats(len(warm), within)
+    await asyncio.sleep(1.5)  # the send budget refills
+    await host.reset_calls()
+    users = [FIRST_USER + i for i in range(commands)]
+    stamps = await host.push([(u, f"/imagine a lighthouse number {u}") for u in users])
+    if not await host.wait_chats(commands, within):
+        print(f"  ! {label}: not every chat had a reply within {within:g} s")
+    return users, stamps, await host.calls()
 
 
 async def bare_client(host: FakeHost, stop: asyncio.Event) -> None:
@@ -151,19 +157,9 @@ async def measure_bare(label: str, commands: int, within: float = 120.0) -> Resu
     async with FakeHost(flood_limits=False) as host:
         stop = asyncio.Event()
         client = asyncio.create_task(bare_client(host, stop))
-        warm = [WARM_USER + i for i in range(WARM_COMMANDS)]
-        await host.push([(u, "/help") for u in warm])
-        await host.wait_chats(len(warm), within)
-        await asyncio.sleep(1.5)
-        await host.reset_calls()
-        users = [FIRST_USER + i for i in range(commands)]
-        stamps = await host.push([(u, f"/imagine a lighthouse number {u}") for u in users])
-        done = await host.wait_chats(commands, within)
-        calls = await host.calls()
+        users, stamps, calls = await _burst(host, label, commands, within)
         stop.set()
         await client
-    if not done:
-        print(f"  ! {label}: not every chat had a reply within {within:g} s")
     return _result(label, users, stamps, calls, [0.0] * commands)
 
 
