@@ -28,7 +28,7 @@ INTAKE_WAIT = 0.1  # seconds a poll waits, at most, for the updates before it
 class IntakeGate(SimpleUpdateProcessor):
     """PTB's update processor, counting the updates being handled, and the gate the poll waits at."""
 
-    __slots__ = ("_changed", "_queue", "in_flight", "wait")
+    __slots__ = ("_changed", "in_flight", "queue", "wait")
 
     def __init__(
         self,
@@ -39,14 +39,12 @@ class IntakeGate(SimpleUpdateProcessor):
         self.wait = wait
         self.in_flight = 0
         self._changed = asyncio.Event()
-        self._queue: asyncio.Queue[object] | None = None
-
-    def watch(self, update_queue: asyncio.Queue[object]) -> None:
-        """The application's queue: updates in it are taken but not yet handled."""
-        self._queue = update_queue
+        # The application's update queue (`ApplicationBuilder.update_queue`): the updates in it
+        # are taken from Telegram but not yet handled.
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
 
     def idle(self) -> bool:
-        return self.in_flight == 0 and (self._queue is None or self._queue.empty())
+        return self.in_flight == 0 and self.queue.empty()
 
     async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
         self.in_flight += 1

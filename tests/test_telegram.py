@@ -940,7 +940,8 @@ async def test_a_burst_is_taken_a_batch_at_a_time_and_every_command_answered_onc
     rig: Rig, tg: FakeTelegram, provider: ShapedProvider
 ) -> None:
     provider.gate = asyncio.Event()  # jobs wait: only the intake is measured
-    engine, _ = await rig.start({"intake_wait": 30.0}, queue_max=500, max_pending_per_user=5)
+    engine, adapter = await rig.start({"intake_wait": 30.0}, queue_max=500, max_pending_per_user=5)
+    assert adapter.app.update_queue is adapter.intake.queue  # the gate sees what is queued
 
     def accepted() -> float:
         return sum(

@@ -36,13 +36,11 @@ async def test_the_poll_waits_until_the_updates_taken_are_handled() -> None:
 
 async def test_updates_still_queued_for_the_application_hold_the_poll() -> None:
     gate = IntakeGate(wait=30)
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    gate.watch(queue)
-    queue.put_nowait("an update not yet taken by the application")
+    gate.queue.put_nowait("an update not yet taken by the application")
     poll = asyncio.create_task(gate.opened())
     await turns()
     assert not poll.done()
-    queue.get_nowait()
+    gate.queue.get_nowait()
     finished = asyncio.Event()
     finished.set()
     await gate.process_update("it", finished.wait())  # handled: the count drops to 0
