@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 from bot import __version__, runtime
 from bot.errors import DrawbridgeError, SettingsError, UserError
-from bot.runtime import settled_gc, tune_malloc
 from bot.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -108,7 +107,7 @@ def _run_command(settings: Settings, console: bool) -> int:
             )
             return 2
         console = True
-    tune_malloc()
+    runtime.tune_malloc()
     log_file = settings.data_dir / "drawbridge.log" if console else None
     setup_logging(settings.log_level, settings.log_format, settings.secret_values(), log_file)
     return runtime.run(_run(settings, console, platforms))
@@ -147,7 +146,7 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             async with serve(core, services):
-                with settled_gc():
+                with runtime.settled_gc():
                     log.info(
                         "drawbridge running: model %s, data %s",
                         core.engine.default_model,
