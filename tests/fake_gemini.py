@@ -35,6 +35,8 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
+from tests.fakes import LISTEN_BACKLOG
+
 DEFAULT_KEY = "fake-gemini-key"
 
 BASE_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
@@ -153,7 +155,7 @@ class FakeGemini:
         app.router.add_post("/v1beta/models/{model:[^/:]+}:{method}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
         await site.start()
         address = self._runner.addresses[0]
         self.port = int(address[1])

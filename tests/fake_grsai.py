@@ -36,6 +36,8 @@ import aiohttp
 from aiohttp import web
 from PIL import Image
 
+from tests.fakes import LISTEN_BACKLOG
+
 Outcome = Literal["succeeded", "input_moderation", "output_moderation", "error"]
 FaultKind = Literal[
     "none", "http", "hang", "truncated", "html", "empty", "break_after_id", "bad_line"
@@ -209,7 +211,7 @@ class FakeGrsai:
         app.router.add_get("/files/{name}", self._file)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=LISTEN_BACKLOG)
         await site.start()
         server = site._server
         assert isinstance(server, asyncio.Server)

@@ -43,6 +43,8 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from PIL import Image
 
+from tests.fakes import LISTEN_BACKLOG
+
 DEFAULT_KEY = "sk-fake-0123456789abcdefTESTKEY"
 
 GPT_IMAGE_MODELS = {
@@ -224,7 +226,7 @@ class FakeOpenAI:
         app.router.add_get("/files/{name}", self._file)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
         await site.start()
         port = self._runner.addresses[0][1]
         self.root = f"http://127.0.0.1:{port}"

@@ -28,6 +28,8 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
+from tests.fakes import LISTEN_BACKLOG
+
 TEXT_LIMIT = 4096
 CAPTION_LIMIT = 1024
 PHOTO_BYTES = 10_000_000
@@ -296,7 +298,7 @@ class FakeTelegram:
         app.router.add_get("/file/bot{token}/{path:.+}", self._download)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
