@@ -22,10 +22,11 @@ do but which isolates the bot's own latency. One more run gives the bot Telegram
 broadcasts (`TELEGRAM_PAID_BROADCAST_STARS`): messages past the free 30 a second go at up to 1000
 a second, for 0.1 Star each.
 
-The last row is the parts alone (`bare_client`): no engine, no rows, no budget, just the same
+The last rows are the parts alone (`bare_client`): no engine, no rows, no budget, just the same
 long poll, each update parsed into PTB's `Update` and answered with one `sendMessage` over aiohttp
-(as many connections at once as the bot's), with the fake's flood limits off: what the libraries
-and the fake Bot API cost on this machine for the burst before the bot does anything of its own.
+(as many connections at once as the bot's, then only 16), with the fake's flood limits off: what
+the libraries and the fake Bot API cost on this machine for the burst before the bot does
+anything of its own, and how much of that is opening a connection for each message.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ FIRST_USER = 5000
 PAID_RATE = 1000.0  # Telegram's paid broadcasts: messages a second
 WARM_USER = 90_000
 WARM_COMMANDS = 20
+BARE_POOL = 16  # connections for the parts alone's second run
 
 
 @dataclass(frozen=True)
@@ -116,14 +118,12 @@ async def _burst(
     return users, stamps, await host.calls()
 
 
-async def bare_client(host: FakeHost, stop: asyncio.Event) -> None:
+async def bare_client(host: FakeHost, stop: asyncio.Event, pool: int) -> None:
     """Answer every update with one `sendMessage`: PTB's `Update` parsing and aiohttp, no more."""
     import json
 
     import aiohttp
     from telegram import Update
-
-    from adapters.telegram_http import POOL_SIZE
 
     api = f"{host.tg_url}/bot{host.token}"
     headers = {"Content-Type": "application/json"}
@@ -133,7 +133,7 @@ async def bare_client(host: FakeHost, stop: asyncio.Event) -> None:
         async with session.post(f"{api}/sendMessage", data=body, headers=headers) as response:
             json.loads(await response.read())
 
-    connector = aiohttp.TCPConnector(limit=POOL_SIZE)
+    connector = aiohttp.TCPConnector(limit=pool)
     async with aiohttp.ClientSession(connector=connector) as session:
         offset = 0
         tasks: set[asyncio.Task[None]] = set()
@@ -151,12 +151,19 @@ async def bare_client(host: FakeHost, stop: asyncio.Event) -> None:
         await asyncio.gather(*tasks)
 
 
-async def measure_bare(label: str, commands: int, within: float = 120.0) -> Result:
-    """The parts alone: the same burst answered by `bare_client`, the fake's flood limits off."""
+async def measure_bare(
+    label: str, commands: int, within: float = 120.0, pool: int | None = None
+) -> Result:
+    """The parts alone: the same burst answered by `bare_client`, the fake's flood limits off.
+
+    `pool`: the connections it may hold at once (default: as many as the bot's).
+    """
+    from adapters.telegram_http import POOL_SIZE
+
     gc.collect()
     async with FakeHost(flood_limits=False) as host:
         stop = asyncio.Event()
-        client = asyncio.create_task(bare_client(host, stop))
+        client = asyncio.create_task(bare_client(host, stop, pool or POOL_SIZE))
         users, stamps, calls = await _burst(host, label, commands, within)
         stop.set()
         await client
@@ -228,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if stars > 0 or "paid" not in label
     ]
     results.append(runtime.run(measure_bare(f"{n} at once, PTB + aiohttp alone, no bot", n)))
+    results.append(
+        runtime.run(
+            measure_bare(f"{n} at once, the same, {BARE_POOL} connections", n, pool=BARE_POOL)
+        )
+    )
     for line in table(results, args.latency):
         print(line)
 

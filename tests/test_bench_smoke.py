@@ -50,7 +50,8 @@ async def test_first_reply_bench_smoke() -> None:
 
 
 @pytest.mark.timeout(30)
-async def test_first_reply_parts_alone_answer_every_chat_once() -> None:
-    result = await measure_bare("parts alone", 20, within=20)
+@pytest.mark.parametrize("pool", [None, 2])  # the bot's connections; fewer than the chats
+async def test_first_reply_parts_alone_answer_every_chat_once(pool: int | None) -> None:
+    result = await measure_bare("parts alone", 20, within=20, pool=pool)
     assert len(result.latencies) == 20 and result.acks == 20
     assert all(0 < x < 5 for x in result.latencies)
