@@ -15,8 +15,8 @@ from bot.jobs import GeneratedImage, Job, StoredImage, Target
 from bot.providers.base import GenerationRequest, JobHooks
 
 # Connections a fake server's socket holds before it accepts them. aiohttp's default (128) is
-# less than a client opening 200 connections at once: the kernel then drops the extra SYNs, and
-# each is retried a second later (TCP's initial retransmission timeout), which no real API's
+# less than a client opening 200 connections at once: the kernel then drops the handshakes past
+# it, each retried a second later (TCP's initial retransmission timeout), which no real API's
 # front end does to a client. Linux caps it at net.core.somaxconn (4096 by default).
 LISTEN_BACKLOG = 1024
 
