@@ -311,7 +311,9 @@ class TelegramAdapter:
         place = place_of(target)
         try:
             parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)  # before any fetch
-            refs = await fetch_reference(self.app.bot, msg, self.reference_max_bytes)
+            refs = await fetch_reference(
+                self.app.bot, msg, self.reference_max_bytes, before_download=self.intake.let_go
+            )
         except UserError as exc:
             self.board.reply(place, render_error(lang, exc), lang, str(user))
             return

@@ -9,6 +9,7 @@ message it replies to, is the reference image.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -95,8 +96,13 @@ def read_message(msg: Message, username: str, bot_id: int) -> Ask:
     return Ask(AskKind.COMMAND, body)
 
 
-async def fetch_reference(bot: Bot, msg: Message, max_bytes: int) -> tuple[bytes, ...]:
-    """The reference image, downloaded through getFile; `InvalidRequest` when too big or gone."""
+async def fetch_reference(
+    bot: Bot, msg: Message, max_bytes: int, before_download: Callable[[], None] | None = None
+) -> tuple[bytes, ...]:
+    """The reference image, downloaded through getFile; `InvalidRequest` when too big or gone.
+
+    `before_download` hears that a download is about to start (the intake stops waiting for it).
+    """
     found = image_file(msg) or image_file(msg.reply_to_message)
     if found is None:
         return ()
@@ -104,6 +110,8 @@ async def fetch_reference(bot: Bot, msg: Message, max_bytes: int) -> tuple[bytes
     too_big = InvalidRequest("error.reference_too_big", max_mb=max_bytes // 1_000_000)
     if size is not None and size > max_bytes:
         raise too_big  # Telegram told us the size: no download at all
+    if before_download is not None:
+        before_download()
     try:
         file = await bot.get_file(file_id)
         if file.file_size is not None and file.file_size > max_bytes:

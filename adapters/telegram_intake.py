@@ -6,14 +6,16 @@ batch (~0.15 ms an update) and runs their handlers while the first batch's rows 
 committed and its jobs are opening their provider connections: measured with `bench.e2e`, the
 first GrsAI request left ~190 ms after a burst of 300 and the 200th of a burst of 2,000 ~420 ms
 after it. `IntakeGate` holds the next poll until every update taken so far is handled (its job
-submitted or answered), for at most `wait` seconds, so a handler that waits on something slow
-(a reference image's download) delays the others' next poll by no more than that. The updates not
-yet taken wait in Telegram's queue, not in ours: nothing is dropped, and the order is kept.
+submitted or answered), for at most `wait` seconds. A handler about to wait on something slow (a
+reference image's download) lets go of the poll first (`let_go`), and a handler that hangs holds
+it no longer than `wait`. The updates not yet taken wait in Telegram's queue, not in ours:
+nothing is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable
 from typing import Any
 
@@ -28,7 +30,7 @@ INTAKE_WAIT = 0.1  # seconds a poll waits, at most, for the updates before it
 class IntakeGate(SimpleUpdateProcessor):
     """PTB's update processor, counting the updates being handled, and the gate the poll waits at."""
 
-    __slots__ = ("_changed", "in_flight", "queue", "wait")
+    __slots__ = ("_changed", "_holding", "in_flight", "queue", "wait")
 
     def __init__(
         self,
@@ -42,18 +44,37 @@ class IntakeGate(SimpleUpdateProcessor):
         # The application's update queue (`ApplicationBuilder.update_queue`): the updates in it
         # are taken from Telegram but not yet handled.
         self.queue: asyncio.Queue[object] = asyncio.Queue()
+        # Whether the update this task handles still holds the next poll (a list, so that
+        # `let_go` can change it for `do_process_update`, which set it).
+        self._holding: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+            "intake_holding", default=None
+        )
 
     def idle(self) -> bool:
         return self.in_flight == 0 and self.queue.empty()
 
     async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        holding = [True]
+        token = self._holding.set(holding)
         self.in_flight += 1
         try:
-            await coroutine
+            await coroutine  # in this task, so it sees `holding`
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._changed.set()
+            self._holding.reset(token)
+            if holding[0]:
+                self._count_out()
+
+    def let_go(self) -> None:
+        """The update being handled stops holding the next poll: it waits on something slow."""
+        holding = self._holding.get()
+        if holding is not None and holding[0]:
+            holding[0] = False
+            self._count_out()
+
+    def _count_out(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._changed.set()
 
     async def opened(self) -> None:
         """Until every update taken is handled, or `wait` seconds have passed."""

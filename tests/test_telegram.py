@@ -332,6 +332,29 @@ async def test_a_photo_with_a_caption_is_a_reference_image(rig: Rig, tg: FakeTel
     assert call.prompt == "as a watercolor" and call.reference_images == (picture,)
 
 
+async def test_a_slow_reference_download_does_not_hold_other_users_commands(
+    rig: Rig, tg: FakeTelegram
+) -> None:
+    await rig.start({"intake_wait": 30.0})
+    asked, released = asyncio.Event(), asyncio.Event()
+    serve_get_file = tg._m_getFile
+
+    async def slow_get_file(p: dict[str, Any], f: dict[str, Any]) -> Any:
+        asked.set()
+        await released.wait()
+        return await serve_get_file(p, f)
+
+    tg._m_getFile = slow_get_file  # type: ignore[method-assign]
+    tg.message(photo=png_bytes(64, 48), caption="as a watercolor")
+    await asyncio.wait_for(asked.wait(), 10)  # the photo's handler is fetching its reference
+    tg.message("/imagine a lighthouse", user=tg.user(7), chat=tg.chat(7))
+    # Taken by the next poll, which does not wait for the download (with the gate's 30 s it would).
+    await tg.wait_for("sendPhoto", within=10)
+    assert [c.chat_id for c in tg.sent("sendPhoto")] == [7]
+    released.set()
+    await until(lambda: len(tg.sent("sendPhoto")) == 2, within=10)
+
+
 async def test_imagine_replying_to_a_photo_uses_that_photo(rig: Rig, tg: FakeTelegram) -> None:
     await rig.start()
     chat = group_chat(tg)

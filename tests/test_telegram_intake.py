@@ -68,3 +68,33 @@ async def test_a_failing_update_is_counted_out_too() -> None:
         await gate.process_update("bad", boom())
     assert gate.in_flight == 0
     await asyncio.wait_for(gate.opened(), 1)
+
+
+async def test_an_update_that_lets_go_no_longer_holds_the_poll() -> None:
+    gate = IntakeGate(wait=30)
+    slow = asyncio.Event()
+
+    async def download_a_reference() -> None:
+        gate.let_go()
+        gate.let_go()  # once is enough: the count drops by one
+        await slow.wait()
+
+    handling = asyncio.create_task(gate.process_update("photo", download_a_reference()))
+    await turns()
+    await asyncio.wait_for(gate.opened(), 1)
+    assert gate.in_flight == 0
+    slow.set()
+    await handling
+    assert gate.in_flight == 0  # not counted out twice
+
+
+async def test_let_go_outside_an_update_changes_nothing() -> None:
+    gate = IntakeGate(wait=30)
+    busy = asyncio.Event()
+    handling = asyncio.create_task(gate.process_update("busy", busy.wait()))
+    await turns()
+    gate.let_go()  # this task handles no update
+    assert gate.in_flight == 1
+    busy.set()
+    await handling
+    assert gate.in_flight == 0
