@@ -27,10 +27,24 @@ MAX_CONCURRENT_UPDATES = 256  # as PTB's `concurrent_updates(True)`
 INTAKE_WAIT = 0.1  # seconds a poll waits, at most, for the updates before it
 
 
+class _Hold:
+    """One update's hold on its gate's next poll."""
+
+    __slots__ = ("gate", "held")
+
+    def __init__(self, gate: IntakeGate) -> None:
+        self.gate = gate
+        self.held = True
+
+
+# The hold of the update that the current task handles (set by `IntakeGate.do_process_update`).
+_HOLD: contextvars.ContextVar[_Hold | None] = contextvars.ContextVar("intake_hold", default=None)
+
+
 class IntakeGate(SimpleUpdateProcessor):
     """PTB's update processor, counting the updates being handled, and the gate the poll waits at."""
 
-    __slots__ = ("_changed", "_holding", "in_flight", "queue", "wait")
+    __slots__ = ("_changed", "in_flight", "queue", "wait")
 
     def __init__(
         self,
@@ -44,31 +58,26 @@ class IntakeGate(SimpleUpdateProcessor):
         # The application's update queue (`ApplicationBuilder.update_queue`): the updates in it
         # are taken from Telegram but not yet handled.
         self.queue: asyncio.Queue[object] = asyncio.Queue()
-        # Whether the update this task handles still holds the next poll (a list, so that
-        # `let_go` can change it for `do_process_update`, which set it).
-        self._holding: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
-            "intake_holding", default=None
-        )
 
     def idle(self) -> bool:
         return self.in_flight == 0 and self.queue.empty()
 
     async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
-        holding = [True]
-        token = self._holding.set(holding)
+        hold = _Hold(self)
+        token = _HOLD.set(hold)
         self.in_flight += 1
         try:
-            await coroutine  # in this task, so it sees `holding`
+            await coroutine  # in this task, so it sees the hold
         finally:
-            self._holding.reset(token)
-            if holding[0]:
+            _HOLD.reset(token)
+            if hold.held:
                 self._count_out()
 
     def let_go(self) -> None:
         """The update being handled stops holding the next poll: it waits on something slow."""
-        holding = self._holding.get()
-        if holding is not None and holding[0]:
-            holding[0] = False
+        hold = _HOLD.get()
+        if hold is not None and hold.gate is self and hold.held:
+            hold.held = False
             self._count_out()
 
     def _count_out(self) -> None:

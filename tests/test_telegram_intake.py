@@ -88,13 +88,18 @@ async def test_an_update_that_lets_go_no_longer_holds_the_poll() -> None:
     assert gate.in_flight == 0  # not counted out twice
 
 
-async def test_let_go_outside_an_update_changes_nothing() -> None:
-    gate = IntakeGate(wait=30)
+async def test_let_go_outside_an_update_or_on_another_gate_changes_nothing() -> None:
+    gate, other = IntakeGate(wait=30), IntakeGate(wait=30)
     busy = asyncio.Event()
-    handling = asyncio.create_task(gate.process_update("busy", busy.wait()))
+
+    async def handle() -> None:
+        other.let_go()  # not the gate this update came through
+        await busy.wait()
+
+    handling = asyncio.create_task(gate.process_update("busy", handle()))
     await turns()
     gate.let_go()  # this task handles no update
-    assert gate.in_flight == 1
+    assert gate.in_flight == 1 and other.in_flight == 0
     busy.set()
     await handling
     assert gate.in_flight == 0
