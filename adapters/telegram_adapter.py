@@ -288,6 +288,7 @@ class TelegramAdapter:
                 )
                 if reply is not None and reply.document is not None:  # /export
                     name, data = reply.document
+                    self.intake.let_go()  # an upload: the next poll need not wait for it
                     await self.sender.send_file(
                         "document",
                         place.chat_id,
