@@ -42,7 +42,7 @@ _HOLD: contextvars.ContextVar[_Hold | None] = contextvars.ContextVar("intake_hol
 
 
 class IntakeGate(SimpleUpdateProcessor):
-    """PTB's update processor, counting the updates being handled, and the gate the poll waits at."""
+    """PTB's update processor, counting the updates that hold the next poll, and that poll's gate."""
 
     __slots__ = ("_changed", "in_flight", "queue", "wait")
 
@@ -53,7 +53,7 @@ class IntakeGate(SimpleUpdateProcessor):
     ) -> None:
         super().__init__(max_concurrent_updates)
         self.wait = wait
-        self.in_flight = 0
+        self.in_flight = 0  # updates being handled that still hold the next poll
         self._changed = asyncio.Event()
         # The application's update queue (`ApplicationBuilder.update_queue`): the updates in it
         # are taken from Telegram but not yet handled.
