@@ -15,6 +15,7 @@ nothing is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Awaitable
 from typing import Any
@@ -87,19 +88,11 @@ class IntakeGate(SimpleUpdateProcessor):
 
     async def opened(self) -> None:
         """Until every update taken is handled, or `wait` seconds have passed."""
-        if self.idle():
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait
-        while not self.idle():
-            self._changed.clear()
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except TimeoutError:
-                return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.wait):
+                while not self.idle():
+                    self._changed.clear()
+                    await self._changed.wait()
 
 
 class GatedPollRequest(HTTPXRequest):
