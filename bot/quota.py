@@ -100,6 +100,7 @@ class Quotas:
     ) -> None:
         """Hold `images` and `usd` for a new job, or raise if a limit would be passed.
 
+        `exempt` (an admin) skips the user's and the chat's limits, never the operator's budget.
         `extra_images` is what an admin granted this user today; `scope` is the chat (or
         guild) with its own daily image limit, counted for everyone in it.
         """
@@ -107,6 +108,9 @@ class Quotas:
         users = self._days.setdefault(day, {})
         tally = users.get(user) or _Tally()
         lim = self.limits
+        # The operator's budget caps the whole bot's bill: admins (and the batch CLI) too.
+        if lim.budget_usd and self._totals.get(day, 0.0) + usd > lim.budget_usd + _EPS:
+            raise BudgetExceeded()
         if not exempt:
             image_limit = lim.user_images + extra_images if lim.user_images else 0
             if image_limit and tally.images + images > image_limit:
@@ -115,8 +119,6 @@ class Quotas:
                 raise QuotaExceeded(
                     "error.quota_usd", used=f"{tally.usd:.2f}", limit=f"{lim.user_usd:.2f}"
                 )
-            if lim.budget_usd and self._totals.get(day, 0.0) + usd > lim.budget_usd + _EPS:
-                raise BudgetExceeded()
             if scope is not None and scope[1]:
                 held = self._scopes.get((scope[0], day), 0)
                 if held + images > scope[1]:

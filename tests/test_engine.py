@@ -174,6 +174,20 @@ async def test_admins_skip_quotas(harness: Harness) -> None:
         await engine.submit(request("alice", n=2))
 
 
+async def test_the_budget_binds_admins_too(harness: Harness) -> None:
+    # BUDGET_DAILY_USD is the operator's cap on the whole bill: an admin skips the user's
+    # limits, not that one.
+    engine = await harness.engine(
+        limits=Limits(user_images=1, budget_usd=1.5),
+        admin_ids=frozenset({"test:boss"}),
+        max_pending_per_user=5,
+    )
+    await engine.submit(request("boss", model="paid", size="4K", n=1))  # $1.00 of the $1.50
+    with pytest.raises(BudgetExceeded):
+        await engine.submit(request("boss", model="paid", size="4K", n=1))
+    await engine.submit(request("boss", n=2))  # over their image quota, but free: served
+
+
 async def test_last_slot_race_exactly_one_passes(harness: Harness) -> None:
     engine = await harness.engine(
         start=False, limits=Limits(user_images=3), max_pending_per_user=50
