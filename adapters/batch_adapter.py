@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.progress import Progress, TaskID
+from rich.text import Text
 
 from bot.adapter import StatusUpdate
 from bot.jobs import Job, StoredImage, Target
@@ -51,11 +52,13 @@ class BatchAdapter:
     async def status(self, job: Job, update: StatusUpdate) -> None:
         if update.kind.final:
             self.result.failures.append((job.id, update.text))
-            self.progress.console.print(f"[red]✗[/red] {update.text}", markup=True, highlight=False)
+            # The text carries the prompt's words or a provider's message: never read as markup.
+            line = Text.assemble(("✗", "red"), " ", update.text)
+            self.progress.console.print(line, highlight=False)
             self.progress.advance(self.task)
 
     async def notify(self, target: Target, text: str) -> None:
-        self.progress.console.print(text, markup=False)
+        self.progress.console.print(Text(text), highlight=False)
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -6,28 +6,65 @@ import argparse
 import asyncio
 import getpass
 import time
+from dataclasses import replace
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from adapters.batch_adapter import BatchAdapter
 from bot.app import open_core
-from bot.commands import parse_prompt
+from bot.commands import ParsedPrompt, parse_prompt, parse_ratio
 from bot.errors import QueueFull, UserError
-from bot.jobs import Options, Request, Target, UserRef
+from bot.jobs import Request, Target, UserRef
 from bot.logs import setup_logging
 from bot.settings import Settings
 from bot.texts import render_error, t
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompt argument, then the file's lines; blank lines and `#` comments are skipped."""
     prompts: list[str] = []
     if args.prompt:
         prompts.append(args.prompt)
     if args.file:
-        lines = args.file.read_text(encoding="utf-8").splitlines()
-        prompts.extend(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+        # utf-8-sig: a file saved by Windows Notepad starts with a BOM, which is not whitespace.
+        lines = args.file.read_text(encoding="utf-8-sig").splitlines()
+        prompts.extend(
+            line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+        )
     return prompts
+
+
+def flag_defaults(args: argparse.Namespace) -> list[str]:
+    """The --ar, --n and --seed flags as chat options, normalised and checked as the chat does."""
+    words: list[str] = []
+    if args.aspect_ratio is not None:
+        words += ["--ar", parse_ratio(args.aspect_ratio)]  # `16x9` → `16:9`, as in a chat
+    if args.n is not None:
+        words += ["--n", str(args.n)]
+    if args.seed is not None:
+        words += ["--seed", str(args.seed)]
+    parse_prompt(" ".join([*words, "flags"]))  # a bad flag is one error up front, not one a line
+    return words
+
+
+def parse_line(
+    text: str, defaults: list[str], args: argparse.Namespace, max_chars: int
+) -> ParsedPrompt:
+    """One line's prompt and options; the flags are defaults, so each option the line gives wins."""
+    # The parser reports `n=1` whether or not a line said `--n 1`, so the flags go in front of the
+    # line's own words: the parser keeps an option's last value, and the line's come last.
+    parsed = parse_prompt(" ".join([*defaults, text]), max_chars=max_chars)
+    options = parsed.options
+    if options.size is None and args.size is not None:
+        options = replace(options, size=args.size)
+    return ParsedPrompt(parsed.prompt, options, parsed.model or args.model)
+
+
+def echo(text: str) -> Text:
+    """A failure line for the console, the user's text in it shown literally (no markup, no emoji)."""
+    return Text.assemble(("✗", "red"), " ", text)
 
 
 async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
@@ -38,6 +75,11 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     if not prompts:
         console.print("drawbridge generate: give a prompt or --file with one prompt a line")
+        return 2
+    try:
+        defaults = flag_defaults(args)
+    except UserError as exc:
+        console.print(Text(f"drawbridge generate: {render_error('en', exc)}"), highlight=False)
         return 2
     try:
         user = UserRef("cli", getpass.getuser())
@@ -64,21 +106,13 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
             await engine.start(resume=False)
             for line_no, text in enumerate(prompts, start=1):
                 try:
-                    parsed = parse_prompt(text, max_chars=engine.config.max_prompt_chars)
-                    options = Options(
-                        aspect_ratio=parsed.options.aspect_ratio or args.aspect_ratio,
-                        n=args.n
-                        if args.n is not None and parsed.options.n == 1
-                        else parsed.options.n,
-                        size=parsed.options.size or args.size,
-                        seed=parsed.options.seed if parsed.options.seed is not None else args.seed,
-                    )
+                    parsed = parse_line(text, defaults, args, engine.config.max_prompt_chars)
                     request = Request(
                         user=user,
                         target=Target("cli", chat_id=str(line_no)),
                         prompt=parsed.prompt,
-                        options=options,
-                        model=parsed.model or args.model,
+                        options=parsed.options,
+                        model=parsed.model,
                     )
                     while True:
                         try:
@@ -89,9 +123,7 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
                 except UserError as exc:
                     reason = render_error("en", exc)
                     adapter.result.failures.append((f"line {line_no}", reason))
-                    progress.console.print(
-                        f"[red]✗[/red] line {line_no}: {reason}", highlight=False
-                    )
+                    progress.console.print(echo(f"line {line_no}: {reason}"), highlight=False)
                     progress.advance(task)
             await engine.run_until_idle()
         result = adapter.result
@@ -107,5 +139,5 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
         )
     )
     if result.files:
-        report.print(f"images in {args.out}/")
+        report.print(Text(f"images in {args.out}/"))
     return 1 if result.failures else 0
