@@ -213,10 +213,12 @@ class DiscordAdapter:
         self, interaction: Inter, answer: Callable[[UserRef, str], Awaitable[str]]
     ) -> None:
         """Defer (only the user sees it), compute the answer, edit it in."""
-        if await self._defer(interaction, ephemeral=True) is None:
+        acked = await self._defer(interaction, ephemeral=True)
+        if acked is None:
             return
         lang = _lang(interaction)
         try:
+            self.chat.admit(_user(interaction), self._target(interaction, acked))
             reply = await answer(_user(interaction), lang)
         except UserError as exc:
             reply = render_error(lang, exc)
@@ -255,6 +257,7 @@ class DiscordAdapter:
         try:
             if not self._accepting:
                 raise UserError("error.shutting_down")
+            self.chat.admit(_user(interaction), self._target(interaction, acked))  # before a fetch
             refs = (await self._reference(image),) if image is not None else ()
             request = Request(
                 user=_user(interaction),
@@ -362,6 +365,7 @@ class DiscordAdapter:
         target = self._target(interaction, acked)
         with self.outbox.reposting(interaction, lang) as repost:
             try:
+                self.chat.admit(_user(interaction), target)
                 reply = await self.chat.show(_user(interaction), target, job, lang)
             except UserError as exc:
                 reply = render_error(lang, exc)

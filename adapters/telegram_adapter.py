@@ -311,7 +311,8 @@ class TelegramAdapter:
     ) -> None:
         place = place_of(target)
         try:
-            parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)  # before any fetch
+            self.chat.admit(user, target)  # before any fetch
+            parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)
             refs = await fetch_reference(
                 self.app.bot, msg, self.reference_max_bytes, before_download=self.intake.let_go
             )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from bot.commands import parse_command, parse_job_ref, parse_prompt, shorten
 from bot.engine import Engine
-from bot.errors import UserError
+from bot.errors import NotAllowed, UserError
 from bot.jobs import Request, Target, Ticket, UserRef
 from bot.operator import parse_policy_changes
 from bot.stats import period, render_period
@@ -51,6 +51,7 @@ class Chat:
                 return None
             return await self.imagine(user, target, text, lang, reference_images)
         try:
+            self.admit(user, target)
             match command.name:
                 case "imagine":
                     return await self.imagine(user, target, command.args, lang, reference_images)
@@ -82,6 +83,15 @@ class Chat:
                     return Reply(t(lang, "error.unknown_command", command=command.name), error=True)
         except UserError as exc:
             return Reply(render_error(lang, exc), error=True)
+
+    def admit(self, user: UserRef, target: Target) -> None:
+        """Raise `NotAllowed` unless `ALLOWED_IDS` serves this user, chat or guild (or is unset).
+
+        Every command checks it, not only /imagine: a private bot answers strangers with one
+        short refusal, and shows them nothing of its models, limits or anyone's jobs.
+        """
+        if not self.engine.config.allowed(str(user), target):
+            raise NotAllowed()
 
     async def imagine(
         self,

@@ -152,6 +152,7 @@ class FakeDiscord:
         self.commands: dict[str | None, list[dict[str, Any]]] = {}
         self.forbidden_channels: set[str] = set()
         self.attachments: dict[str, bytes] = {}
+        self.fetched: list[str] = []  # attachment ids, each time the CDN served one
         self.identify: dict[str, Any] | None = None
         self.gateway_ops: list[int] = []
         self.gateway_query: dict[str, str] = {}
@@ -506,6 +507,7 @@ class FakeDiscord:
 
     async def _attachment(self, request: web.Request) -> web.Response:
         data = self.attachments.get(request.match_info["id"])
+        self.fetched.append(request.match_info["id"])
         if data is None:
             return web.Response(status=404)
         return web.Response(body=data, content_type="application/octet-stream")

@@ -302,7 +302,7 @@ async def test_a_reference_image_attachment_is_passed_to_the_provider(
     inter = await fake.slash("imagine", {"prompt": "make it blue", "model": "paid", "image": att})
     await fake.wait_for(lambda: fake.followups(inter.token))
     (call,) = harness.provider.calls
-    assert call.reference_images == (ref,)
+    assert call.reference_images == (ref,) and fake.fetched == [att["id"]]
 
 
 @pytest.mark.parametrize(
@@ -322,7 +322,7 @@ async def test_an_attachment_that_is_not_a_small_image_is_refused(
         inter = await fake.slash("imagine", {"prompt": "use this", "model": "paid", "image": att})
         assert expected in await answer(fake, inter)
         assert harness.provider.calls == []
-        assert not [c for c in fake.calls if c.path.startswith("/attachments")]
+        assert fake.fetched == []
     finally:
         await close_bot(b)
 
@@ -434,6 +434,24 @@ async def test_commands_answer_ephemerally_in_the_users_language(
     await fake.wait_for(lambda: expected in content(fake, inter))
     assert inter.ack_type == 5 and inter.ephemeral and inter.ack_delay is not None
     assert inter.ack_delay < 3
+
+
+async def test_a_private_bot_refuses_strangers_everywhere_and_fetches_nothing(
+    harness: Harness, fake: FakeDiscord
+) -> None:
+    # ALLOWED_IDS set, and neither this user nor this guild in it.
+    b = await open_bot(harness, fake, allowed_ids=frozenset({"discord:1"}))
+    try:
+        for command in ("usage", "jobs", "models", "settings", "history", "link"):
+            inter = await fake.slash(command)
+            await fake.wait_for(lambda i=inter: "not open to you" in content(fake, i))
+        att = fake.add_attachment(png_bytes(16, 16), "ref.png", "image/png")
+        inter = await fake.slash("imagine", {"prompt": "a fox", "model": "paid", "image": att})
+        assert "not open to you" in await answer(fake, inter)
+        assert fake.fetched == []
+        assert harness.provider.calls == []
+    finally:
+        await close_bot(b)
 
 
 async def test_jobs_lists_the_users_jobs(bot: Bot, fake: FakeDiscord) -> None:

@@ -212,3 +212,27 @@ async def test_allowed_ids_restrict_the_bot_to_listed_users_chats_and_guilds(
     guild = Target("discord", chat_id="chan", guild_id="g1")
     assert "Queued" in await say(chat, UserRef("discord", "9"), "/imagine a fox", guild)
     assert "Queued" in await say(chat, ADMIN, "/imagine a fox", Target("test", chat_id="y"))
+
+
+async def test_allowed_ids_keep_every_command_from_strangers(harness: Harness) -> None:
+    # "Only those users are served": a stranger learns nothing of the models, the limits or the
+    # jobs of a private bot, and hears one short refusal instead of silence.
+    engine = await harness.engine(allowed_ids=frozenset({"test:alice"}))
+    chat = Chat(engine)
+    mallory = UserRef("test", "mallory")
+    for command in (
+        "/usage",
+        "/jobs",
+        "/history",
+        "/models",
+        "/settings",
+        "/help",
+        "/start",
+        "/cancel",
+        "/link",
+        "/show abc123",
+        "/stats",
+    ):
+        assert "not open to you" in await say(chat, mallory, command), command
+    assert "Today" in await say(chat, ALICE, "/usage")
+    assert "not open to you" not in await say(chat, ALICE, "/models")

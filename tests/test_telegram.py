@@ -378,6 +378,18 @@ async def test_an_oversized_reference_is_refused_before_any_download(
     assert not tg.sent("getFile") and rig.harness.provider.calls == []
 
 
+async def test_a_strangers_photo_is_refused_before_any_download(rig: Rig, tg: FakeTelegram) -> None:
+    # ALLOWED_IDS set and the sender not in it: one short refusal, and nothing fetched for them.
+    await rig.start(allowed_ids=frozenset({"telegram:1"}))
+    tg.message(photo=png_bytes(64, 48), caption="as a watercolor")
+    await tg.wait_text("not open to you")
+    tg.message(text="/models")
+    await until(
+        lambda: len([c for c in tg.sent("sendMessage") if "not open" in (c.text or "")]) == 2
+    )
+    assert not tg.sent("getFile") and rig.harness.provider.calls == []
+
+
 # ---- delivery limits ---------------------------------------------------------------------
 
 
