@@ -66,7 +66,7 @@ class DiscordAdapter:
         token: str,
         api_url: str = DEFAULT_API_URL,
         gateway_url: str = DEFAULT_GATEWAY_URL,
-        guild_ids: Collection[str] = (),
+        guild_ids: Collection[int] = (),
         *,
         clock: Callable[[], float] = time.time,
         edit_interval: float = 1.0,
@@ -80,7 +80,7 @@ class DiscordAdapter:
         self._token = token
         self.api_url = api_url.rstrip("/")
         self.gateway_url = gateway_url
-        self.guild_ids = tuple(str(g) for g in guild_ids)
+        self.guild_ids = tuple(sorted(guild_ids))  # parsed and checked by the settings
         self.position_interval = position_interval
         self.guild_ready_timeout = guild_ready_timeout
         self.max_reference_bytes = max_reference_bytes
@@ -128,7 +128,7 @@ class DiscordAdapter:
         try:
             await tree.sync()
             for guild_id in self.guild_ids:
-                guild = discord.Object(int(guild_id))
+                guild = discord.Object(guild_id)
                 tree.copy_global_to(guild=guild)
                 await tree.sync(guild=guild)
         except discord.HTTPException as exc:

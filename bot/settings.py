@@ -8,6 +8,7 @@ value never appears in that line, in `repr`, or in the logs (see `secret_values`
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -21,11 +22,13 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from bot.errors import SettingsError
 
 IdSet = frozenset[str]
+_SNOWFLAKE = re.compile(r"[0-9]{1,20}")
 
 # Model family → providers to try in order. Same model, different vendor: a GrsAI outage moves
 # nano-banana jobs to Gemini's own API (when both keys are set), and back when it recovers.
@@ -86,7 +89,7 @@ class Settings(BaseModel):
     discord_bot_token: SecretStr | None = None
     discord_api_url: str = "https://discord.com/api/v10"
     discord_gateway_url: str = "wss://gateway.discord.gg/"
-    discord_guild_ids: IdSet = frozenset()
+    discord_guild_ids: frozenset[int] = frozenset()
 
     grsai_api_key: SecretStr | None = None
     grsai_base_url: str = "https://grsaiapi.com"
@@ -128,12 +131,29 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["plain", "json"] = "plain"
 
-    @field_validator("discord_guild_ids", "admin_ids", "allowed_ids", mode="before")
+    @field_validator("admin_ids", "allowed_ids", mode="before")
     @classmethod
     def _split_ids(cls, value: Any) -> Any:
         if isinstance(value, str):
             return frozenset(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("discord_guild_ids", mode="before")
+    @classmethod
+    def _check_guild_ids(cls, value: Any) -> Any:
+        # Plain digits only (int() alone would take "+5", "1_000" or Arabic-Indic digits), and the
+        # error names the bad id, as ADMIN_IDS does, rather than pydantic's generic int message.
+        if not isinstance(value, str):
+            return value
+        ids: set[int] = set()
+        for part in value.split(","):
+            item = part.strip()
+            if not item:
+                continue
+            if not _SNOWFLAKE.fullmatch(item) or not 0 < int(item) < 2**64:
+                raise ValueError(f"{item!r} is not a guild id (a number, like 1200000000000000001)")
+            ids.add(int(item))
+        return frozenset(ids)
 
     @field_validator("admin_ids", "allowed_ids")
     @classmethod
@@ -187,6 +207,16 @@ class Settings(BaseModel):
         if not value.startswith(("http://", "https://", "ws://", "wss://")):
             raise ValueError(f"{value!r} is not an http(s) or ws(s) URL")
         return value.rstrip("/") if not value.startswith(("ws://", "wss://")) else value
+
+    @model_validator(mode="after")
+    def _check_webhook_has_a_server(self) -> Settings:
+        # Telegram would be told to POST to a URL that no server of ours answers: every update lost.
+        if self.telegram_webhook_url is not None and self.http_port == 0:
+            raise ValueError(
+                "TELEGRAM_WEBHOOK_URL: webhook mode needs the HTTP server, but HTTP_PORT=0 turns "
+                "it off; set HTTP_PORT, or unset TELEGRAM_WEBHOOK_URL to use long polling"
+            )
+        return self
 
     @property
     def tz(self) -> ZoneInfo:
@@ -271,7 +301,8 @@ def load_settings(
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors(include_input=False, include_url=False)[0]
-    field = str(error["loc"][0]) if error["loc"] else "?"
-    env = ENV_NAMES.get(field, field.upper())
     message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{env}: {message}"
+    if not error["loc"]:  # a check across settings: its message names them all
+        return message
+    field = str(error["loc"][0])
+    return f"{ENV_NAMES.get(field, field.upper())}: {message}"

@@ -59,7 +59,7 @@ async def open_bot(
         fake.token,
         fake.api_url,
         fake.gateway_url,
-        guild_ids=[GUILD_ID],
+        guild_ids=[int(GUILD_ID)],
         clock=clock,
         guild_ready_timeout=0.05,
         edit_interval=0.05,
