@@ -9,6 +9,7 @@ from bot.engine import Engine
 from bot.errors import NotAllowed, UserError
 from bot.jobs import Request, Target, Ticket, UserRef
 from bot.operator import parse_policy_changes
+from bot.quota import days_before
 from bot.stats import period, render_period
 from bot.texts import queued_text, render_error, t
 
@@ -226,7 +227,7 @@ class Chat:
     async def stats_text(self, lang: str) -> str:
         engine = self.engine
         today = engine.quotas.today()
-        week = engine.quotas.day_of(engine.clock() - 6 * 86400)
+        week = days_before(today, 6)
         parts = [
             render_period(await period(engine.store, t(lang, "stats.today"), today)),
             render_period(await period(engine.store, t(lang, "stats.week"), week)),

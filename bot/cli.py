@@ -9,7 +9,9 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -52,16 +54,34 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, default=Path("out"), help="folder for the images")
 
     usage = sub.add_parser("usage", help="spend and counts per user, model and day")
-    usage.add_argument("--json", action="store_true", help="print JSON rows")
-    usage.add_argument("--csv", action="store_true", help="print CSV (what /export sends)")
-    usage.add_argument("--days", type=int, default=None, help="only the last N days")
+    fmt = usage.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON rows")
+    fmt.add_argument("--csv", action="store_true", help="print CSV (what /export sends)")
+    usage.add_argument(
+        "--days",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="only the last N days in QUOTA_TZ, today included",
+    )
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = load_settings()
+        _check_data_dir(settings.data_dir)
     except SettingsError as exc:
         print(f"drawbridge: {exc}", file=sys.stderr)
         return 2
@@ -83,8 +103,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"drawbridge: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:  # e.g. a database file that cannot be opened or written
+        print(f"drawbridge: DRAWBRIDGE_DATA_DIR: {settings.db_path}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """Create the data dir and prove it writable now: one line naming it, not an OSError later."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=data_dir):  # gone on close; fails as sqlite would
+            pass
+    except FileExistsError:  # a file (or a link to one) where the folder should be
+        reason = "Not a directory"
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+    else:
+        return
+    raise SettingsError(f"DRAWBRIDGE_DATA_DIR: cannot use {data_dir} ({reason})")
 
 
 def _run_command(settings: Settings, console: bool) -> int:
@@ -273,12 +311,15 @@ class _exclusive:
 async def _usage(settings: Settings, fmt: str, days: int | None) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from bot.quota import days_before, quota_day
     from bot.store import Store
 
     since = None
     if days is not None:
-        since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - days * 86400))
+        # `jobs.day` is the quota day in QUOTA_TZ; N days are today and the N - 1 before it.
+        since = days_before(quota_day(time.time(), settings.tz), days - 1)
     async with await Store.open(settings.data_dir) as store:
         rows = await store.usage(since)
     if fmt == "json":
@@ -297,8 +338,8 @@ async def _usage(settings: Settings, fmt: str, days: int | None) -> int:
     for r in rows:
         table.add_row(
             r.day,
-            f"{r.platform}:{r.user_id}",
-            r.model,
+            Text(f"{r.platform}:{r.user_id}"),  # names from the database: never read as markup
+            Text(r.model),
             str(r.jobs),
             str(r.succeeded),
             str(r.images),

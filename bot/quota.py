@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from bot.errors import BudgetExceeded, QuotaExceeded
@@ -29,6 +29,16 @@ class _Tally:
     usd: float = 0.0
 
 
+def quota_day(ts: float, tz: ZoneInfo) -> str:
+    """The day (in QUOTA_TZ) that a timestamp falls in, as `jobs.day` has it."""
+    return datetime.fromtimestamp(ts, tz).date().isoformat()
+
+
+def days_before(day: str, n: int) -> str:
+    """The calendar day `n` days before `day` (not `n` × 86,400 s: a day may have 23 hours)."""
+    return (date.fromisoformat(day) - timedelta(days=n)).isoformat()
+
+
 class Quotas:
     """Counts held (reserved) and spent images and dollars per user and day.
 
@@ -51,7 +61,7 @@ class Quotas:
 
     def day_of(self, ts: float) -> str:
         """The quota day (in QUOTA_TZ) that a timestamp falls in."""
-        day = datetime.fromtimestamp(ts, self._tz).date().isoformat()
+        day = quota_day(ts, self._tz)
         return self._day_names.setdefault(day, day)  # one string per day, not one per job
 
     def load(self, day: str, totals: Iterable[DayTotals]) -> None:
