@@ -53,7 +53,7 @@ class BatchAdapter:
         if update.kind.final:
             self.result.failures.append((job.id, update.text))
             # The text carries the prompt's words or a provider's message: never read as markup.
-            line = Text.assemble(("✗", "red"), " ", update.text)
+            line = Text.assemble(("✗", "red"), f" line {job.target.chat_id}: ", update.text)
             self.progress.console.print(line, highlight=False)
             self.progress.advance(self.task)
 

@@ -22,16 +22,23 @@ from bot.settings import Settings
 from bot.texts import render_error, t
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompt argument, then the file's lines; blank lines and `#` comments are skipped."""
-    prompts: list[str] = []
+def read_prompts(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """(line number, prompt): the prompt argument, then the file's lines by their own numbers.
+
+    Blank lines and `#` comments are skipped but still counted, so a failure's "line 7" and an
+    image's `007-` are the file's line 7. The prompt argument is line 1 alone, line 0 before a
+    file.
+    """
+    prompts: list[tuple[int, str]] = []
     if args.prompt:
-        prompts.append(args.prompt)
+        prompts.append((0 if args.file else 1, args.prompt))
     if args.file:
         # utf-8-sig: a file saved by Windows Notepad starts with a BOM, which is not whitespace.
         lines = args.file.read_text(encoding="utf-8-sig").splitlines()
         prompts.extend(
-            line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+            (n, line.strip())
+            for n, line in enumerate(lines, start=1)
+            if line.strip() and not line.lstrip().startswith("#")
         )
     return prompts
 
@@ -69,7 +76,8 @@ def echo(text: str) -> Text:
 
 async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
     """Submit every prompt (the engine's queue bound is the back-pressure), wait, summarise."""
-    console = Console(stderr=True)  # the progress bar and per-line failures
+    # The progress bar and per-line failures; soft wrap: a long reason stays one line in a log.
+    console = Console(stderr=True, soft_wrap=True)
     report = Console(highlight=False)  # the summary, for scripts reading stdout
     setup_logging("WARNING", settings.log_format, settings.secret_values())
     prompts = read_prompts(args)
@@ -104,7 +112,7 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
             adapter = BatchAdapter(args.out, progress, task)
             engine.register(adapter)
             await engine.start(resume=False)
-            for line_no, text in enumerate(prompts, start=1):
+            for line_no, text in prompts:
                 try:
                     parsed = parse_line(text, defaults, args, engine.config.max_prompt_chars)
                     request = Request(

@@ -34,7 +34,7 @@ def test_generate_echoes_markup_in_lines_and_errors_literally(tmp_path: Path) ->
     assert "✗ line 1: --ar takes a ratio like 16:9, not [/x]." in out.stderr
     assert "✗ line 3: There is no model called [link=x]. See /models." in out.stderr
     assert "✗ line 4: demo does not do size [/bold]." in out.stderr
-    assert "✗ 🚫 The provider refused this prompt" in out.stderr
+    assert "✗ line 5: 🚫 The provider refused this prompt" in out.stderr
     assert "5/5" in out.stderr  # every line, good or bad, moved the bar
     (path,) = (tmp_path / "out[/x]").glob("*.png")
     assert path.name == "002-a-bold-fox-smile.png"
@@ -99,3 +99,11 @@ def test_generate_skips_blank_lines_and_indented_comments(tmp_path: Path) -> Non
     assert "1 image(s), 0 failure(s)" in out.stdout
     assert "1/1" in out.stderr
     assert [r[1] for r in jobs(tmp_path)] == ["a fox # not a comment"]
+    # Skipped lines still count: a failure and a file name carry the file's own line number.
+    prompts.write_text(
+        "# two lines\n\na fox --model nope\na lighthouse\n# end\na cat [demo:refuse]\n"
+    )
+    out = run(tmp_path, "generate", "--file", str(prompts), "--out", "numbered")
+    assert "✗ line 3: There is no model called nope. See /models." in out.stderr
+    assert "✗ line 6: 🚫 The provider refused this prompt" in out.stderr
+    assert [p.name for p in (tmp_path / "numbered").glob("*.png")] == ["004-a-lighthouse.png"]

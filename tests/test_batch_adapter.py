@@ -34,7 +34,7 @@ async def test_failure_and_notice_texts_are_printed_literally(tmp_path: Path) ->
         await adapter.notify(Target("cli", chat_id="1"), "note [/x] [bold]b :smile:")
         assert progress.tasks[0].completed == 1
     lines = screen.getvalue().splitlines()
-    assert f"✗ {HOSTILE}" in lines
+    assert f"✗ line 1: {HOSTILE}" in lines  # the job's line in the prompts file
     assert "note [/x] [bold]b :smile:" in lines
     assert not any("started" in line for line in lines)  # only a final status is printed
     assert adapter.result.failures == [("ab12", HOSTILE)]
