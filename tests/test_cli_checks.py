@@ -213,10 +213,3 @@ def test_usage_days_counts_n_quota_days_ending_today(
     assert [r["day"] for r in rows] == expected
     assert main(["usage", "--json"]) == 0  # no --days: every day
     assert [r["day"] for r in json.loads(capsys.readouterr().out)] == DAYS
-
-
-def test_readme_says_what_usage_days_means() -> None:
-    (line,) = [
-        line for line in README.read_text().splitlines() if line.startswith("| `drawbridge usage")
-    ]
-    assert "last N days, today included" in line and "QUOTA_TZ" in line
