@@ -92,6 +92,7 @@ class Engine(OperatorControls):
         self._slot_waiters: deque[SlotWaiter] = deque()
         self._generating: set[str] = set()  # running jobs still in the (cancellable) generate stage
         self._cancelled: set[str] = set()
+        self._ending: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -206,8 +207,12 @@ class Engine(OperatorControls):
         """Cancel a queued job (refunded) or abandon a running one (result discarded, refunded)."""
         job = self._find_active(user, job_id)
         if job.id in self._queue:
+            if not self._claim_end(job.id):
+                raise JobNotFound(job=job.id)
             self._queue.remove(job.id)
         elif job.id in self._generating:
+            if not self._claim_end(job.id):
+                raise JobNotFound(job=job.id)  # another cancel is ending it
             self._cancelled.add(job.id)
             task = self._running[job.id]
             task.cancel()
@@ -215,7 +220,7 @@ class Engine(OperatorControls):
         else:
             raise UserError("error.job_finishing", job=job.id)
         return await self._finish(
-            job, JobStatus.CANCELLED, ErrorKind.CANCELLED, "cancelled by user"
+            job, JobStatus.CANCELLED, ErrorKind.CANCELLED, "cancelled by user", claimed=True
         )
 
     async def reroll(self, user: UserRef, job_id: str, target: Target | None = None) -> Ticket:

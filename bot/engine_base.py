@@ -51,6 +51,7 @@ class EngineBase:
     _slot_waiters: deque[SlotWaiter]
     _generating: set[str]  # running jobs still in the (cancellable) generate stage
     _cancelled: set[str]
+    _ending: set[str]  # jobs whose end (`_finish`) one caller has claimed
     _background: set[asyncio.Task[None]]
     _wakeup: asyncio.Event
     _idle: asyncio.Event
@@ -79,6 +80,17 @@ class EngineBase:
             self._active_by_user[key] = left
         else:
             self._active_by_user.pop(key, None)
+
+    def _claim_end(self, job_id: str) -> bool:
+        """Whoever ends a job without a result claims it first, and only one caller can.
+
+        A second /cancel while the first waits for the job's task, or the queue-timeout sweep
+        racing a start or a cancel, must not release the job's hold (or rewrite its row) again.
+        """
+        if job_id in self._ending or job_id not in self._jobs:
+            return False
+        self._ending.add(job_id)
+        return True
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -194,6 +194,7 @@ class JobRunner(EngineBase):
             job.quota_key, job.day, (job.options.n, job.reserved_usd), (len(stored), cost)
         )
         self.quotas.release_scope(scope_of(job.target), job.day, job.options.n - len(stored))
+        self._unhold(job)  # charged: nothing may end it again as a failure now
         self._check_budget(job.day)
         m = self.metrics
         m.jobs.labels("succeeded", job.provider, job.model).inc()
@@ -201,7 +202,6 @@ class JobRunner(EngineBase):
         m.spend.labels(job.provider, job.model).inc(cost)
         if job.started_at is not None:
             m.generate_seconds.labels(job.provider).observe(max(0.0, now - job.started_at))
-        self._unhold(job)
         job = replace(
             job,
             status=JobStatus.SUCCEEDED,
@@ -256,20 +256,32 @@ class JobRunner(EngineBase):
                 self.metrics.total_seconds.observe(max(0.0, now - job.created_at))
                 return
 
-    async def _finish(self, job: Job, status: JobStatus, kind: ErrorKind, error: str) -> Job:
-        """End a job that produced nothing: record why, refund its hold, tell the user."""
+    async def _finish(
+        self, job: Job, status: JobStatus, kind: ErrorKind, error: str, *, claimed: bool = False
+    ) -> Job:
+        """End a job that produced nothing: record why, refund its hold, tell the user.
+
+        Once: a job another caller is ending, or one that has ended, is left as it is.
+        """
+        if not claimed and not self._claim_end(job.id):
+            return job
         now = self.clock()
-        await self.store.write(
-            (
-                "UPDATE jobs SET status = ?, cost_usd = 0, error = ?, error_kind = ?, "
-                "finished_at = ? WHERE id = ?",
-                (status.value, error, kind.value, now, job.id),
+        try:
+            await self.store.write(
+                (
+                    "UPDATE jobs SET status = ?, cost_usd = 0, error = ?, error_kind = ?, "
+                    "finished_at = ? WHERE id = ?",
+                    (status.value, error, kind.value, now, job.id),
+                )
             )
-        )
+        except BaseException:
+            self._ending.discard(job.id)  # not ended: still held, and a later end may claim it
+            raise
         self.quotas.release(job.quota_key, job.day, job.options.n, job.reserved_usd)
         self.quotas.release_scope(scope_of(job.target), job.day, job.options.n)
         self.metrics.jobs.labels(status.value, job.provider, job.model).inc()
         self._unhold(job)
+        self._ending.discard(job.id)
         job = replace(job, status=status, error=error, error_kind=kind.value, finished_at=now)
         mark = {JobStatus.REFUSED: "refused", JobStatus.CANCELLED: "cancelled"}.get(
             status, "failed"

@@ -165,5 +165,6 @@ class Scheduler(JobRunner):
                         log.info("deleted %d images older than %g days", removed, days)
             cutoff = self.clock() - self.config.queue_timeout
             for job in [j for j in self._queue if j.created_at < cutoff and j.task_id is None]:
-                self._queue.remove(job.id)
+                if self._queue.remove(job.id) is None:
+                    continue  # started or cancelled while an earlier one was being ended
                 await self._finish(job, JobStatus.FAILED, ErrorKind.TIMEOUT, "queue timeout")

@@ -293,6 +293,7 @@ class Store:
         rows = await self._rdb.execute_fetchall(
             "SELECT platform, chat_id, guild_id, SUM(n_images) FROM jobs "
             "WHERE day = ? AND status IN ('queued','running','succeeded') "
+            "AND cached_from IS NULL "  # a cache hit is free: no chat's limit counts it
             "GROUP BY platform, chat_id, guild_id",
             (day,),
         )
