@@ -11,7 +11,7 @@ from dataclasses import replace
 from bot.adapter import StatusKind, StatusUpdate
 from bot.catalog import ModelSpec
 from bot.engine_base import EngineBase
-from bot.errors import BadRequest, DeliveryError, ErrorKind, ProviderError
+from bot.errors import BadRequest, DeliveryError, ErrorKind, ProviderError, Transient, UserError
 from bot.jobs import GeneratedImage, Job, JobStatus, StoredImage
 from bot.operator import scope_of
 from bot.providers.base import GenerationRequest
@@ -97,10 +97,18 @@ class JobRunner(EngineBase):
         last: ProviderError | None = None
         for i, route in enumerate(routes):
             if route.provider.name != job.provider:
+                reserved = self._reserve_route(job, route.spec)
+                if reserved is None:
+                    log.warning(
+                        "job=%s not failing over to %s: its price passes a spending limit",
+                        job.id,
+                        route.provider.name,
+                    )
+                    continue
                 log.warning(
                     "job=%s failing over from %s to %s", job.id, job.provider, route.provider.name
                 )
-                job = await self._switch_provider(job, route.provider.name, hooks)
+                job = await self._switch_provider(job, route.provider.name, hooks, reserved)
             try:
                 return await self._attempts(
                     job, route, refs, hooks, i == len(routes) - 1
@@ -109,8 +117,32 @@ class JobRunner(EngineBase):
                 if exc.kind not in FAILOVER_KINDS:
                     raise
                 last = exc
-        assert last is not None
+        if last is None:  # every route would have passed a limit: none was tried
+            raise Transient("no provider within today's spending limits")
         raise last
+
+    def _reserve_route(self, job: Job, spec: ModelSpec) -> float | None:
+        """What the job holds once it may run on `spec`, or None if a limit forbids it.
+
+        A job holds the price of the route it was submitted for; a backup that costs more (the
+        same model at another vendor) first holds the difference, within the user's spend limit
+        and the operator's budget, so a failover never charges past either.
+        """
+        extra = spec.cost(job.options.n, job.options.size) - job.reserved_usd
+        if extra <= 1e-9:
+            return job.reserved_usd
+        admins = self.config.admin_ids
+        try:
+            self.quotas.reserve(
+                job.quota_key,
+                job.day,
+                0,
+                extra,
+                exempt=str(job.user) in admins or job.quota_key in admins,
+            )
+        except UserError:
+            return None
+        return job.reserved_usd + extra
 
     async def _attempts(
         self, job: Job, route: Route, refs: tuple[bytes, ...], hooks: _Hooks, last_route: bool
@@ -162,15 +194,21 @@ class JobRunner(EngineBase):
             raise move.error from None
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
-    async def _switch_provider(self, job: Job, provider: str, hooks: _Hooks) -> Job:
-        """Record the provider now serving the job; another provider's task id means nothing."""
+    async def _switch_provider(
+        self, job: Job, provider: str, hooks: _Hooks, reserved_usd: float
+    ) -> Job:
+        """Record the provider now serving the job, and what it holds for it; another
+        provider's task id means nothing."""
         hooks.task_id = None
-        job = replace(job, provider=provider, task_id=None)
+        job = replace(job, provider=provider, task_id=None, reserved_usd=reserved_usd)
         if job.id in self._jobs:
             self._jobs[job.id] = job
         hooks._job = job
         await self.store.write(
-            ("UPDATE jobs SET provider = ?, task_id = NULL WHERE id = ?", (provider, job.id))
+            (
+                "UPDATE jobs SET provider = ?, task_id = NULL, reserved_usd = ? WHERE id = ?",
+                (provider, reserved_usd, job.id),
+            )
         )
         return job
 
@@ -265,6 +303,7 @@ class JobRunner(EngineBase):
         """
         if not claimed and not self._claim_end(job.id):
             return job
+        job = self._jobs.get(job.id, job)  # the live copy: a failover may have held more
         now = self.clock()
         try:
             await self.store.write(

@@ -479,6 +479,64 @@ async def test_failover_is_charged_once_at_the_serving_models_price(
     await balanced(engine, harness)
 
 
+async def test_a_pricier_failover_holds_the_difference_first(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Before it runs on the backup the job holds the backup's price, so nothing later can take
+    # the money it will be charged; the row says so too, for a restart.
+    harness.provider.errors["fox"] = [Transient("503")] * 10
+    backup_gate = asyncio.Event()
+    engine = await failover_engine(harness, tmp_path, retry_attempts=2)
+    backup = engine.providers["backup"]
+    assert isinstance(backup, ScriptedProvider)
+    backup.gates["fox"] = backup_gate
+    ticket = await engine.submit(request(prompt="fox", model="fam-main", n=2))
+    await until(lambda: backup.running == 1)
+    await engine.store.flush()
+    assert (await row(harness, ticket.job_id))["reserved_usd"] == pytest.approx(1.6)
+    assert engine.quotas.spent_total(engine.quotas.today()) == pytest.approx(1.6)
+    await balanced(engine, harness)
+    backup_gate.set()
+    await engine.run_until_idle()
+    assert (await row(harness, ticket.job_id))["cost_usd"] == pytest.approx(1.6)
+    await balanced(engine, harness)
+
+
+@pytest.mark.parametrize("limit", ["budget", "user_usd"])
+async def test_a_failover_that_would_pass_a_spending_limit_is_not_taken(
+    harness: Harness, tmp_path: Path, limit: str
+) -> None:
+    # $1.00 held for two images on the main route; the backup's $1.60 would pass the $1.20
+    # cap: the job fails, uncharged, rather than overspend.
+    harness.provider.errors["fox"] = [Transient("503")] * 10
+    limits = Limits(budget_usd=1.2) if limit == "budget" else Limits(user_usd=1.2)
+    engine = await failover_engine(harness, tmp_path, retry_attempts=2, limits=limits)
+    ticket = await engine.submit(request(prompt="fox", model="fam-main", n=2))
+    await engine.run_until_idle()
+    r = await row(harness, ticket.job_id)
+    assert (r["status"], r["cost_usd"], r["provider"]) == ("failed", 0.0, "demo")
+    backup = engine.providers["backup"]
+    assert isinstance(backup, ScriptedProvider) and backup.calls == []
+    assert harness.adapter.kinds(ticket.job_id)[-1] is StatusKind.FAILED
+    await balanced(engine, harness)
+
+
+async def test_a_failover_that_fails_too_releases_all_it_held(
+    harness: Harness, tmp_path: Path
+) -> None:
+    harness.provider.errors["fox"] = [Transient("503")] * 10
+    engine = await failover_engine(harness, tmp_path, retry_attempts=2)
+    backup = engine.providers["backup"]
+    assert isinstance(backup, ScriptedProvider)
+    backup.errors["fox"] = [Transient("503")] * 10
+    ticket = await engine.submit(request(prompt="fox", model="fam-main", n=2))
+    await engine.run_until_idle()
+    r = await row(harness, ticket.job_id)
+    assert (r["status"], r["cost_usd"], r["provider"]) == ("failed", 0.0, "backup")
+    assert engine.quotas.spent_total(engine.quotas.today()) == 0
+    await balanced(engine, harness)
+
+
 @pytest.mark.parametrize(("asked", "returned"), [(3, 1), (1, 3)])
 async def test_charged_for_the_images_made_not_asked(
     harness: Harness, asked: int, returned: int
