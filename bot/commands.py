@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from bot.errors import InvalidRequest
@@ -29,7 +30,7 @@ _OPTIONS = {
     "size": "size",
     "seed": "seed",
 }
-_COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?:\s+|$)(.*)$", re.DOTALL)
+_COMMAND = re.compile(r"^/([A-Za-z0-9_]+)(?:@([A-Za-z0-9_]{1,64}))?(?:\s+|$)(.*)$", re.DOTALL)
 _OPTION = re.compile(r"^--([A-Za-z][A-Za-z0-9_-]*)(?:=(.*))?$", re.DOTALL)
 _RATIO = re.compile(r"^(\d{1,3})\s*[:x×/]\s*(\d{1,3})$")
 _DASHES = ("—", "–", "−")  # phones turn `--` into an em or en dash
@@ -99,7 +100,7 @@ def parse_prompt(text: str, max_chars: int = 2000) -> ParsedPrompt:
         if not value:
             raise InvalidRequest("error.option_needs_value", option=f"--{raw_name}")
         values[name] = value
-    prompt = " ".join(words)
+    prompt = clean_prompt(" ".join(words))
     if not prompt:
         raise InvalidRequest("error.empty_prompt")
     if len(prompt) > max_chars:
@@ -130,6 +131,21 @@ def parse_job_ref(args: str) -> str | None:
     token = args.strip().split(maxsplit=1)[0] if args.strip() else ""
     token = token.lstrip("#").lower()
     return token or None
+
+
+# Characters that show nothing but are not whitespace to `str.split`: the fillers apps use for a
+# "blank" message (Hangul fillers, the Braille blank). Format controls (zero-width spaces and
+# joiners, direction marks and overrides, the BOM) are found by their category.
+_BLANKS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def clean_prompt(text: str) -> str:
+    """`text` with its runs of whitespace made one space; "" when nothing in it is visible."""
+    prompt = " ".join(text.split())
+    for char in prompt:
+        if not (char == " " or char in _BLANKS or unicodedata.category(char) in ("Cf", "Cc")):
+            return prompt
+    return ""
 
 
 def shorten(text: str, limit: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from bot.commands import shorten
 from bot.errors import UserError
 
 LANGS = ("en", "zh")
@@ -106,6 +107,7 @@ EN: dict[str, str] = {
         "Add a caption to the photo saying what to make of it, e.g. “turn it into a watercolor”."
     ),
     "hint.unsupported": "I read text and photos. Send a prompt, e.g. /imagine a lighthouse at dusk",
+    "hint.forwarded": "To use this photo, reply to it with /imagine and what to make of it.",
     "error.reference_too_big": "That image is too large to use as a reference (limit {max_mb} MB).",
     "error.reference_download": "I could not fetch that image from Telegram. Please send it again.",
     "menu.imagine": "Make an image: /imagine a fox in the snow --ar 16:9",
@@ -266,6 +268,7 @@ ZH: dict[str, str] = {
     "notice.repeated": "{text}（×{count}）",
     "hint.photo_needs_caption": "请给图片加上说明文字，告诉我要怎么处理，例如“改成水彩画风格”。",
     "hint.unsupported": "我能读取文字和图片。请发送提示词，例如 /imagine 黄昏的灯塔",
+    "hint.forwarded": "要使用这张图片，请回复它：/imagine 加上你想要的效果。",
     "error.reference_too_big": "这张图片太大，无法作为参考图（上限 {max_mb} MB）。",
     "error.reference_download": "无法从 Telegram 获取这张图片，请重新发送。",
     "menu.imagine": "生成图片：/imagine 雪中的狐狸 --ar 16:9",
@@ -372,5 +375,10 @@ def queued_text(lang: str, job_id: str, position: int, model: str, n: int) -> st
     return t(lang, "status.queued", job=job_id, position=position, model=model, n=n)
 
 
+ECHO_MAX = 64  # characters of a user's value an error repeats back
+
+
 def render_error(lang: str, exc: UserError) -> str:
-    return t(lang, exc.key, **exc.params)
+    """The error in the user's language; a value they typed is echoed cut short, on one line."""
+    params = {k: shorten(v, ECHO_MAX) if isinstance(v, str) else v for k, v in exc.params.items()}
+    return t(lang, exc.key, **params)

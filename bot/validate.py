@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bot.catalog import Catalog, ModelSpec
+from bot.commands import clean_prompt
 from bot.errors import InvalidRequest
 from bot.images import sniff_mime
 from bot.jobs import Options, Request
@@ -21,7 +22,7 @@ def validate_request(
     max_prompt_chars: int,
 ) -> tuple[ModelSpec, str, Options]:
     """The model, the cleaned prompt and the options with the model's defaults filled in."""
-    prompt = " ".join(request.prompt.split())
+    prompt = clean_prompt(request.prompt)
     if not prompt:
         raise InvalidRequest("error.empty_prompt")
     if len(prompt) > max_prompt_chars:
