@@ -258,9 +258,17 @@ class TelegramAdapter:
 
     async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         msg = update.message
-        sender = msg.from_user if msg is not None else None
-        if msg is None or sender is None or sender.is_bot:
+        if msg is None or msg.is_automatic_forward:  # (a linked channel's post, copied in)
             return
+        sender = msg.from_user
+        if msg.sender_chat is not None:
+            # An anonymous group admin (from @GroupAnonymousBot) or a member posting as a
+            # channel: the chat they speak as is who asks, with its own quota.
+            identity, lang_code = str(msg.sender_chat.id), None
+        elif sender is None or sender.is_bot:
+            return
+        else:
+            identity, lang_code = str(sender.id), sender.language_code
         if msg.migrate_to_chat_id:  # the group became a supergroup: follow it from now on
             self.sender.migrated[msg.chat.id] = msg.migrate_to_chat_id
             return
@@ -268,8 +276,8 @@ class TelegramAdapter:
         ask = read_message(msg, bot.username or "", bot.id)
         if ask.kind is AskKind.IGNORE:
             return
-        lang = pick_lang(sender.language_code)
-        user = UserRef("telegram", str(sender.id))
+        lang = pick_lang(lang_code)
+        user = UserRef("telegram", identity)
         thread = msg.message_thread_id if msg.is_topic_message else None
         target = Target(
             "telegram",

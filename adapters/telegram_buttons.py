@@ -49,6 +49,7 @@ class ButtonPresses:
     async def handle(self, query: CallbackQuery) -> None:
         """Answer one press: `cx:` cancel, `rr:` reroll, `of:` original file."""
         if not query.data:
+            await _answer(query)  # (a game button's press): still stop the client's spinner
             return
         lang = pick_lang(query.from_user.language_code)
         user = UserRef("telegram", str(query.from_user.id))

@@ -57,6 +57,14 @@ def image_file(msg: Message | None) -> tuple[str, int | None] | None:
     return None
 
 
+def other_attachment(msg: Message) -> bool:
+    """A file on the message that cannot be a reference: not an image (a PDF, a video, audio)."""
+    if image_file(msg) is not None:
+        return False
+    files = (msg.document, msg.video, msg.animation, msg.audio, msg.voice, msg.video_note)
+    return any(f is not None for f in files)
+
+
 def strip_mention(msg: Message, text: str, username: str) -> tuple[bool, str]:
     """Whether the bot is @mentioned, and the text without the mention."""
     kinds: list[str | None] = [MessageEntityType.MENTION]
@@ -71,7 +79,21 @@ def strip_mention(msg: Message, text: str, username: str) -> tuple[bool, str]:
 
 def read_message(msg: Message, username: str, bot_id: int) -> Ask:
     """Classify a message by the input rules above."""
+    ask = _read(msg, username, bot_id)
+    if ask.kind is AskKind.IMAGINE and other_attachment(msg):
+        # Said at once: made from the words alone, the picture would ignore what was sent.
+        return Ask(AskKind.HINT, "error.reference_unreadable")
+    return ask
+
+
+def _read(msg: Message, username: str, bot_id: int) -> Ask:
     private = msg.chat.type == ChatType.PRIVATE
+    if msg.forward_origin is not None and msg.text is None:
+        # A forwarded photo or file: its caption is someone else's words (or one of the bot's
+        # own results, "a fox · job …"), not a request. Asked to use it, a user replies to it.
+        if not private:
+            return IGNORE
+        return Ask(AskKind.HINT, "hint.forwarded" if image_file(msg) else "hint.unsupported")
     text = msg.text if msg.text is not None else (msg.caption or "")
     mentioned, body = strip_mention(msg, text, username)
     replied = msg.reply_to_message
