@@ -135,6 +135,7 @@ class Scheduler(JobRunner):
             self._take_slot(job.id, job.provider)
             task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
             self._running[job.id] = task
+            self._generating.add(job.id)  # cancellable before its task first runs, too
             task.add_done_callback(functools.partial(self._job_done, job))
 
     def _job_done(self, job: Job, _task: asyncio.Task[None]) -> None:

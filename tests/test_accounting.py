@@ -224,6 +224,21 @@ async def test_cancel_while_the_result_downloads_is_a_cancel(harness: Harness) -
     await balanced(engine, harness)
 
 
+async def test_a_cancel_just_after_the_start_cancels(harness: Harness) -> None:
+    # The scheduler has taken the job from the queue and made its task, which has not run yet:
+    # the user's cancel still cancels it (it used to say "finishing, can no longer be
+    # cancelled") and the provider is never called.
+    engine = await harness.engine()
+    ticket = await engine.submit(request(prompt="quick", model="paid"))
+    engine._fill_slots()  # what the scheduler's next turn does
+    assert ticket.job_id not in engine._queue and ticket.job_id in engine._running
+    await engine.cancel(ALICE, ticket.job_id)
+    await engine.run_until_idle()
+    assert (await row(harness, ticket.job_id))["status"] == "cancelled"
+    assert harness.provider.calls == []
+    await balanced(engine, harness)
+
+
 async def test_two_cancels_of_a_running_job_refund_it_once(harness: Harness) -> None:
     # Two taps on "cancel" (or /cancel and the button) arrive together.
     engine = await harness.engine(max_pending_per_user=5)
