@@ -11,7 +11,7 @@ from bot.jobs import Request, Target, Ticket, UserRef
 from bot.operator import parse_policy_changes
 from bot.quota import days_before
 from bot.stats import period, render_period
-from bot.texts import queued_text, render_error, t
+from bot.texts import money, queued_text, render_error, t
 
 COMMANDS = ("imagine", "usage", "jobs", "cancel", "models", "settings", "help", "start")
 USER_COMMANDS = ("link", "history", "show")
@@ -130,8 +130,8 @@ class Chat:
             "usage.summary",
             images=u.images,
             image_limit=unlimited if u.exempt or not u.image_limit else u.image_limit,
-            spend=f"${u.usd:.2f}",
-            spend_limit=unlimited if u.exempt or not u.usd_limit else f"${u.usd_limit:.2f}",
+            spend=money(u.usd),
+            spend_limit=unlimited if u.exempt or not u.usd_limit else money(u.usd_limit),
             jobs=u.active_jobs,
         )
 

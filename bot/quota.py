@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 from bot.errors import BudgetExceeded, QuotaExceeded
 from bot.store import DayTotals
+from bot.texts import money
 
 # Dollar sums are floats; compare with a tolerance so that 0.1 + 0.2 fits a 0.3 limit.
 _EPS = 1e-9
@@ -52,7 +53,8 @@ class Quotas:
         self._tz = tz
         self._clock = clock
         self._days: dict[str, dict[str, _Tally]] = {}
-        self._totals: dict[str, float] = {}
+        self._totals: dict[str, float] = {}  # held and charged, per day: what the budget checks
+        self._charged: dict[str, float] = {}  # charged only, per day: what was spent
         self._scopes: dict[tuple[str, str], int] = {}
         self._day_names: dict[str, str] = {}  # (chat or guild scope, day) → images
 
@@ -71,6 +73,7 @@ class Quotas:
             tally.images += row.images
             tally.usd += row.usd
             self._totals[day] = self._totals.get(day, 0.0) + row.usd
+            self._charged[day] = self._charged.get(day, 0.0) + row.charged_usd
 
     def load_scopes(self, day: str, totals: dict[str, int]) -> None:
         for scope, images in totals.items():
@@ -95,7 +98,12 @@ class Quotas:
         return (tally.images, tally.usd) if tally else (0, 0.0)
 
     def spent_total(self, day: str) -> float:
+        """Dollars charged and held (by jobs queued or running) on `day`, all users together."""
         return self._totals.get(day, 0.0)
+
+    def charged_total(self, day: str) -> float:
+        """Dollars charged on `day`: what succeeded jobs cost."""
+        return self._charged.get(day, 0.0)
 
     def reserve(
         self,
@@ -127,7 +135,7 @@ class Quotas:
                 raise QuotaExceeded("error.quota_images", used=tally.images, limit=image_limit)
             if lim.user_usd and tally.usd + usd > lim.user_usd + _EPS:
                 raise QuotaExceeded(
-                    "error.quota_usd", used=f"{tally.usd:.2f}", limit=f"{lim.user_usd:.2f}"
+                    "error.quota_usd", used=money(tally.usd), limit=money(lim.user_usd)
                 )
             if scope is not None and scope[1]:
                 held = self._scopes.get((scope[0], day), 0)
@@ -154,6 +162,7 @@ class Quotas:
     ) -> None:
         """Turn a reservation into the charge: the job may have made fewer images than held."""
         self.release(user, day, reserved[0] - charged[0], reserved[1] - charged[1])
+        self._charged[day] = self._charged.get(day, 0.0) + charged[1]
 
     def _prune(self, today: str) -> None:
         # Keep yesterday too: jobs reserved before midnight still settle against it.

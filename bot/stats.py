@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bot.store import Store, UsageRow
+from bot.texts import money
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +60,8 @@ async def period(store: Store, label: str, since_day: str) -> Period:
         label=label,
         jobs=int(totals[0] or 0),
         images=int(totals[1] or 0),
-        spend=float(totals[2] or 0.0),
-        by_model=[(str(r[0]), int(r[1] or 0), float(r[2] or 0.0)) for r in models],
+        spend=round(totals[2] or 0.0, 6),
+        by_model=[(str(r[0]), int(r[1] or 0), round(r[2] or 0.0, 6)) for r in models],
         failures=[(str(r[0]), int(r[1])) for r in failures],
         p50=percentile(latencies, 0.5),
         p95=percentile(latencies, 0.95),
@@ -68,11 +69,11 @@ async def period(store: Store, label: str, since_day: str) -> Period:
 
 
 def render_period(p: Period) -> str:
-    lines = [f"{p.label}: {p.jobs} jobs · {p.images} images · ${p.spend:.2f}"]
+    lines = [f"{p.label}: {p.jobs} jobs · {p.images} images · {money(p.spend)}"]
     if p.p50 is not None and p.p95 is not None:
         lines.append(f"  latency p50 {p.p50:.1f} s · p95 {p.p95:.1f} s")
     for model, images, usd in p.by_model[:8]:
-        lines.append(f"  {model}: {images} images · ${usd:.2f}")
+        lines.append(f"  {model}: {images} images · {money(usd)}")
     if p.failures:
         lines.append("  failures: " + ", ".join(f"{kind} {n}" for kind, n in p.failures))
     return "\n".join(lines)

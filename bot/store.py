@@ -52,7 +52,8 @@ class DayTotals:
 
     key: str  # the quota account: platform:user_id, or the account it is linked into
     images: int
-    usd: float
+    usd: float  # held and charged
+    charged_usd: float = 0.0  # charged only
 
 
 class Store:
@@ -279,14 +280,18 @@ class Store:
         """Per account: images and dollars held (queued, running) or spent (succeeded) on `day`."""
         rows = await self._rdb.execute_fetchall(
             "SELECT COALESCE(a.account, j.platform || ':' || j.user_id) AS k, SUM(j.n_images), "
-            "SUM(CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE j.reserved_usd END) "
+            "SUM(CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE j.reserved_usd END), "
+            "SUM(CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE 0 END) "
             "FROM jobs j LEFT JOIN accounts a ON a.member = j.platform || ':' || j.user_id "
             "WHERE j.day = ? AND j.status IN ('queued','running','succeeded') "
             "AND j.cached_from IS NULL "
             "GROUP BY k",
             (day,),
         )
-        return [DayTotals(str(r[0]), int(r[1] or 0), float(r[2] or 0.0)) for r in rows]
+        return [
+            DayTotals(str(r[0]), int(r[1] or 0), float(r[2] or 0.0), float(r[3] or 0.0))
+            for r in rows
+        ]
 
     async def scope_totals(self, day: str) -> dict[str, int]:
         """Images held or made per chat (and Discord guild) on `day`, for per-chat limits."""
@@ -302,6 +307,13 @@ class Store:
             scope = scope_of(Target(platform, chat_id=chat_id, guild_id=guild_id))
             totals[scope] = totals.get(scope, 0) + int(images or 0)
         return totals
+
+    async def alerts_sent(self, day: str) -> list[str]:
+        """The keys of the admin alerts sent on `day` (`EngineBase.alert` records each)."""
+        rows = await self._rdb.execute_fetchall(
+            "SELECT subject FROM audit WHERE action = 'alert' AND detail = ?", (day,)
+        )
+        return [str(r[0]) for r in rows]
 
     async def load_operator(self, blocklist: Blocklist | None = None) -> Operator:
         """The operator tables, for the checks submit makes in memory."""
@@ -377,6 +389,8 @@ class Store:
             params,
         )
         return [
-            UsageRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7] or 0.0))
+            # SUM of floats: 0.033 + 0.011 + 0.011 is 0.05499999999999999; the prices are exact
+            # to the micro-dollar, so the sums are too.
+            UsageRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), round(r[7] or 0.0, 6))
             for r in rows
         ]

@@ -8,6 +8,7 @@ parameter name can never turn an answer into a crash.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from bot.commands import shorten
@@ -43,7 +44,7 @@ EN: dict[str, str] = {
     "error.queue_full": "The queue is full right now. Please try again in a few minutes.",
     "error.too_many_pending": "You already have {max} jobs waiting. Wait for one to finish, or /cancel one.",
     "error.quota_images": "You have used {used} of your {limit} images today. The limit resets tomorrow.",
-    "error.quota_usd": "You have used ${used} of your ${limit} for today. The limit resets tomorrow.",
+    "error.quota_usd": "You have used {used} of your {limit} for today. The limit resets tomorrow.",
     "error.budget": "The bot has reached its spending limit for today. Please try again tomorrow.",
     "error.job_not_found": "No job {job} of yours was found. See /jobs.",
     "error.job_finishing": "Job {job} is finishing and can no longer be cancelled.",
@@ -174,6 +175,10 @@ EN: dict[str, str] = {
     "stats.week": "7 days",
     "stats.queue": "Queue: {queued} waiting · {running} running",
     "alert.budget": "💸 drawbridge has spent {spent} of today's {budget} budget ({percent} %).",
+    "alert.budget_full": (
+        "💸 drawbridge is turning requests away: today's {budget} budget is spent or held by "
+        "jobs in progress ({spent} spent so far)."
+    ),
     "alert.auth": "🔑 The {provider} API rejected drawbridge's key. Jobs on it fail (users are not charged) until the key is fixed.",
     "alert.breaker": "⚡ {provider} keeps failing: drawbridge stopped calling it for a while (fallbacks serve where configured).",
     "alert.paid_exhausted": "⭐ Today's {stars} Stars for Telegram paid broadcasts are spent: until tomorrow drawbridge sends within the free ~30 messages a second (slower at peaks).",
@@ -211,7 +216,7 @@ ZH: dict[str, str] = {
     "error.queue_full": "队列已满，请几分钟后再试。",
     "error.too_many_pending": "你已有 {max} 个任务在等待。请等其中一个完成，或用 /cancel 取消。",
     "error.quota_images": "你今天已用 {used}/{limit} 张图，明天重置。",
-    "error.quota_usd": "你今天已花费 ${used}/${limit}，明天重置。",
+    "error.quota_usd": "你今天已花费 {used}/{limit}，明天重置。",
     "error.budget": "机器人今天的预算已用完，请明天再试。",
     "error.job_not_found": "没有找到你的任务 {job}。见 /jobs。",
     "error.job_finishing": "任务 {job} 即将完成，已无法取消。",
@@ -331,6 +336,7 @@ ZH: dict[str, str] = {
     "stats.week": "7 天",
     "stats.queue": "队列：{queued} 个等待 · {running} 个运行中",
     "alert.budget": "💸 drawbridge 今天已花费 {spent}，预算 {budget}（{percent}%）。",
+    "alert.budget_full": "💸 drawbridge 正在拒绝新请求：今天的预算 {budget} 已用完或被进行中的任务占用（已花费 {spent}）。",
     "alert.auth": "🔑 {provider} 的 API 拒绝了 drawbridge 的密钥。修复前该服务的任务都会失败（不向用户扣费）。",
     "alert.breaker": "⚡ {provider} 持续失败：drawbridge 暂停调用它一段时间（已配置的备用服务会接手）。",
     "alert.paid_exhausted": "⭐ 今天用于 Telegram 付费广播的 {stars} Stars 已用完：明天之前 drawbridge 只按免费的约每秒 30 条发送（高峰时会慢一些）。",
@@ -373,6 +379,14 @@ def t(lang: str, key: str, /, **params: Any) -> str:
 def queued_text(lang: str, job_id: str, position: int, model: str, n: int) -> str:
     """A job's "queued" status line, the same on every platform."""
     return t(lang, "status.queued", job=job_id, position=position, model=model, n=n)
+
+
+def money(usd: float) -> str:
+    """Dollars as the operator reads them: cents, or the fraction of a cent a price has
+    ($0.055, as the catalog's $0.011 add up), never a float's noise ($0.05499999999999999)."""
+    text = f"{Decimal(repr(round(usd, 6))):.4f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
 
 
 ECHO_MAX = 64  # characters of a user's value an error repeats back
