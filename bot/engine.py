@@ -112,7 +112,7 @@ class Engine(OperatorControls):
         except UserError as exc:
             self.metrics.rejected.labels(exc.key).inc()
             if isinstance(exc, BudgetExceeded):
-                self._check_budget(self.quotas.today())
+                self._check_budget(self.quotas.today(), refusing=True)
             raise
         self.metrics.submitted.labels(request.target.platform, ticket.model).inc()
         return ticket

@@ -20,7 +20,7 @@ from bot.providers.base import Provider
 from bot.quota import Quotas
 from bot.routing import BreakerState, Router
 from bot.store import Store
-from bot.texts import t
+from bot.texts import money, t
 
 log = logging.getLogger("drawbridge.engine")
 
@@ -148,15 +148,22 @@ class EngineBase:
             self.alert(f"breaker:{provider}:{self.clock():.0f}", "alert.breaker", provider=provider)
 
     def alert(self, key: str, text_key: str, **params: object) -> None:
-        """Tell every admin once per `key` (and day): budget marks, rejected keys, open breakers.
+        """Tell every admin once per `key` and day: budget marks, rejected keys, open breakers.
 
         Sent in the background as a direct message (`Target.meta == "dm"`: `chat_id` is the
-        admin's user id), so an alert never holds up the job that raised it.
+        admin's user id), so an alert never holds up the job that raised it. Each one sent is an
+        `audit` row, so a restart the same day does not send it again.
         """
         day = self.quotas.today()
         if (key, day) in self._alerted:
             return
         self._alerted.add((key, day))
+        self.store.post(
+            (
+                "INSERT INTO audit (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
+                (self.clock(), "drawbridge", "alert", key, day),
+            )
+        )
         for admin in sorted(self.config.admin_ids):
             platform, _, user_id = admin.partition(":")
             adapter = self.adapters.get(platform)
@@ -176,15 +183,17 @@ class EngineBase:
                 "admin alert to %s:%s not sent", target.platform, target.chat_id, exc_info=True
             )
 
-    def _check_budget(self, day: str) -> None:
+    def _check_budget(self, day: str, *, refusing: bool = False) -> None:
+        """Alert the admins when today's spend passes 80 % and 100 % of the budget, and when
+        the budget (spent, or held by jobs in progress) turns a request away."""
         budget = self.quotas.limits.budget_usd
-        if not budget:
-            return
-        spent = self.quotas.spent_total(day)
+        if not budget or day != self.quotas.today():
+            return  # a job of yesterday's settling now: that budget has no one to warn
+        spent = self.quotas.charged_total(day)
+        amounts = {"spent": money(spent), "budget": money(budget)}
+        if refusing and spent < budget - 1e-9:  # (all of it spent: the 100 % mark says so)
+            self.alert("budget:full", "alert.budget_full", **amounts)
         for mark in (100, 80):
             if spent >= budget * mark / 100 - 1e-9:
-                self.alert(
-                    f"budget:{mark}", "alert.budget", percent=mark, spent=f"${spent:.2f}",
-                    budget=f"${budget:.2f}",
-                )  # fmt: skip
+                self.alert(f"budget:{mark}", "alert.budget", percent=mark, **amounts)
                 return

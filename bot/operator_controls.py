@@ -101,6 +101,9 @@ class OperatorControls(Scheduler):
         )
         copies = [replace(img, job_id=job.id) for img in images]
         await self.store.write(insert_job_op(job), *self.store.image_ops(copies))
+        # On /metrics as on /stats: a job and its images, served by the cache, not a provider.
+        self.metrics.jobs.labels(JobStatus.SUCCEEDED.value, "cache", job.model).inc()
+        self.metrics.images.labels("cache", job.model).inc(len(copies))
         log.info("→ job=%s served from the cache of job=%s", job.id, source.id)
         self._spawn(self._deliver(job, copies))
         return Ticket(job.id, 0, job.model, len(copies), 0.0, cached_from=source.id)
@@ -130,4 +133,5 @@ class OperatorControls(Scheduler):
             finished_at=now,
         )
         await self.store.insert_job(job)
+        self.metrics.jobs.labels(JobStatus.REFUSED.value, "blocklist", spec.name).inc()
         log.info("✗ job=%s refused by the blocklist (%s)", job.id, term)

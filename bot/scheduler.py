@@ -44,9 +44,10 @@ class Scheduler(JobRunner):
             resumed += 1
         if ops:
             await self.store.write(*ops)
+        day = self.quotas.today()
         if resume:
             self.operator = await self.store.load_operator(self.operator.blocklist)
-        day = self.quotas.today()
+            self._alerted.update((key, day) for key in await self.store.alerts_sent(day))
         self.quotas.load(day, await self.store.day_totals(day))
         self.quotas.load_scopes(day, await self.store.scope_totals(day))
         undelivered = (

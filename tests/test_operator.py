@@ -144,9 +144,10 @@ async def test_admins_hear_about_the_budget_a_rejected_key_and_an_open_breaker(
     await say(chat, ALICE, "/imagine a fox with a bad key")
     await engine.run_until_idle()
     texts = [(target.chat_id, target.meta, text) for target, text in harness.adapter.notices]
-    assert [t[:2] for t in texts] == [("boss", "dm"), ("boss", "dm")]
+    assert [t[:2] for t in texts] == [("boss", "dm")] * 3
     assert "$1.00 of today's $1.20 budget (80 %)" in texts[0][2]
-    assert "rejected drawbridge's key" in texts[1][2]
+    assert "turning requests away: today's $1.20 budget" in texts[1][2]  # the refusal above
+    assert "rejected drawbridge's key" in texts[2][2]
     engine.breaker_changed("demo", BreakerState.OPEN)
     await engine.run_until_idle()
     assert "keeps failing" in harness.adapter.notices[-1][1]
