@@ -276,6 +276,8 @@ class JobRunner(EngineBase):
                 log.warning("job=%s delivery attempt %d failed: %s", job.id, attempt, exc)
                 if permanent or attempt == self.config.deliver_attempts:
                     self.metrics.deliveries.labels(job.target.platform, "failed").inc()
+                    # The images are stored: the status says so, and how to have them again.
+                    await self._emit(job, StatusKind.FAILED, "status.undelivered")
                     return
                 await asyncio.sleep(delay)
                 delay *= 2

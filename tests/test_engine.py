@@ -296,6 +296,24 @@ async def test_delivery_is_retried_and_recorded(harness: Harness) -> None:
     assert tuple(row) == (1, 2)
 
 
+@pytest.mark.parametrize("permanent", [True, False], ids=["refused", "retries-spent"])
+async def test_a_result_that_cannot_be_posted_says_so_and_how_to_get_it(
+    harness: Harness, permanent: bool
+) -> None:
+    # Every job ends with a message: the images are stored (and charged), the platform would
+    # not take them, and the status message says where to have them again.
+    harness.adapter.fail_deliveries = 10
+    harness.adapter.permanent_failure = permanent
+    engine = await harness.engine()
+    ticket = await engine.submit(request())
+    await engine.run_until_idle()
+    assert harness.adapter.delivered(ticket.job_id) == 0
+    job_id, last = harness.adapter.statuses[-1]
+    assert job_id == ticket.job_id and last.kind is StatusKind.FAILED
+    assert f"/show {ticket.job_id}" in last.text
+    assert (await status_of(harness, ticket.job_id))[0] == "succeeded"
+
+
 async def test_delivery_stage_timeout_keeps_the_charge_and_retries(harness: Harness) -> None:
     harness.adapter.deliver_delay = 0.3
     engine = await harness.engine(deliver_timeout=0.05, deliver_attempts=2)
