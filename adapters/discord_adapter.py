@@ -48,6 +48,7 @@ log = logging.getLogger("drawbridge.discord")
 DEFAULT_API_URL = "https://discord.com/api/v10"
 DEFAULT_GATEWAY_URL = "wss://gateway.discord.gg/"
 REFERENCE_TYPES = ("image/png", "image/jpeg", "image/webp")
+REFERENCE_FETCH_TIMEOUT = 30.0  # seconds for an attachment's bytes from Discord's CDN
 
 
 class DiscordAdapter:
@@ -84,6 +85,7 @@ class DiscordAdapter:
         self.position_interval = position_interval
         self.guild_ready_timeout = guild_ready_timeout
         self.max_reference_bytes = max_reference_bytes
+        self.reference_timeout = REFERENCE_FETCH_TIMEOUT
         self.outbox = DiscordOutbox(
             engine, clock=clock, edit_interval=edit_interval, first_edit_delay=first_edit_delay
         )
@@ -221,7 +223,7 @@ class DiscordAdapter:
             self.chat.admit(_user(interaction), self._target(interaction, acked))
             reply = await answer(_user(interaction), lang)
         except UserError as exc:
-            reply = render_error(lang, exc)
+            reply = _error(lang, exc)
         await self._edit_original(interaction, reply)
 
     async def _edit_original(self, interaction: Inter, content: str) -> None:
@@ -270,7 +272,7 @@ class DiscordAdapter:
             )
             ticket = await self.engine.submit(request)
         except UserError as exc:
-            await self._refuse(interaction, acked, render_error(lang, exc))
+            await self._refuse(interaction, acked, _error(lang, exc))
             return
         await self.outbox.track(ticket.job_id, interaction, acked)
 
@@ -284,8 +286,9 @@ class DiscordAdapter:
                 "error.reference_too_big", max_mb=self.max_reference_bytes // 1_000_000
             )
         try:
-            data = await image.read()
-        except discord.HTTPException:
+            async with asyncio.timeout(self.reference_timeout):  # not aiohttp's five minutes
+                data = await image.read()
+        except (discord.HTTPException, TimeoutError):
             raise InvalidRequest("error.reference_unreadable") from None
         if len(data) > self.max_reference_bytes:
             raise InvalidRequest(
@@ -312,8 +315,16 @@ class DiscordAdapter:
 
     async def _on_tree_error(self, interaction: Inter, error: app_commands.AppCommandError) -> None:
         log.error("discord: command failed", exc_info=error)
+        text = t(_lang(interaction), "error.generic")
         if interaction.response.is_done():
-            await self._edit_original(interaction, t(_lang(interaction), "error.generic"))
+            await self._edit_original(interaction, text)
+            return
+        # Failed before the command ran (a command this version does not have, an option
+        # missing): answer all the same, or Discord shows "The application did not respond".
+        try:
+            await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException as exc:
+            log.warning("discord: interaction %s not answered (%s)", interaction.id, exc)
 
     # ---- the operator's commands, and /show ---------------------------------------------------
 
@@ -387,9 +398,17 @@ class DiscordAdapter:
             target = self._target(interaction, acked)
             ticket = await self.engine.reroll(_user(interaction), job_id, target)
         except UserError as exc:
-            await self._refuse(interaction, acked, render_error(lang, exc))
+            await self._refuse(interaction, acked, _error(lang, exc))
             return
         await self.outbox.track(ticket.job_id, interaction, acked)
+
+    async def on_unknown_button(self, interaction: Inter) -> None:
+        try:
+            await interaction.response.send_message(
+                t(_lang(interaction), "discord.button_gone"), ephemeral=True
+            )
+        except discord.HTTPException as exc:
+            log.info("discord: button press %s not answered (%s)", interaction.id, exc)
 
     async def on_cancel(self, interaction: Inter, job_id: str) -> None:
         """✖: cancel the job (only its owner may); the job's status message says so itself."""
@@ -400,7 +419,7 @@ class DiscordAdapter:
             job = await self.engine.cancel(_user(interaction), job_id)
             reply = t(lang, "cancel.done", job=job.id)
         except UserError as exc:
-            reply = render_error(lang, exc)
+            reply = _error(lang, exc)
         await self._edit_original(interaction, reply)
 
     # ---- the engine's side (bot.adapter.Adapter) --------------------------------------------
@@ -413,6 +432,11 @@ class DiscordAdapter:
 
     async def notify(self, target: Target, text: str) -> None:
         await self.outbox.notify(target, text)
+
+
+def _error(lang: str, exc: UserError) -> str:
+    """A refusal as Discord shows it: what the user typed in it (a model, a job id) literally."""
+    return escape_markdown(render_error(lang, exc))
 
 
 def _lang(interaction: Inter) -> str:

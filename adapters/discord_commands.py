@@ -52,7 +52,9 @@ def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: Disc
         seed: app_commands.Range[int, 0, 4294967295] | None = None,
         image: discord.Attachment | None = None,
     ) -> None:
-        options = Options(aspect_ratio=aspect_ratio, n=count or 1, size=size, seed=seed)
+        options = Options(
+            aspect_ratio=aspect_ratio, n=1 if count is None else count, size=size, seed=seed
+        )
         await adapter.imagine(interaction, prompt, options, model, image)
 
     @imagine.autocomplete("model")

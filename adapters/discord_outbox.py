@@ -42,6 +42,23 @@ from bot.texts import queued_text, t
 log = logging.getLogger("drawbridge.discord")
 
 
+CAPTION_PROMPT_MAX = 1500  # characters of the escaped prompt in a result's caption (limit 2000)
+
+
+def escaped_prompt(prompt: str, limit: int) -> str:
+    """The prompt with Discord's markdown escaped, cut so that the escaped text fits `limit`.
+
+    Escaping can double a prompt's length (`**` → `\\*\\*`), so it is cut before, by what
+    the last try overshot; cutting after could split an escape.
+    """
+    cut = limit
+    while True:
+        text = escape_markdown(shorten(prompt, cut))
+        if len(text) <= limit or cut <= 1:
+            return text
+        cut -= len(text) - limit
+
+
 @dataclass(frozen=True, slots=True)
 class _Message:
     """One message of a result; files are made fresh for each send (discord.py closes them)."""
@@ -335,7 +352,7 @@ class DiscordOutbox:
         self, job: Job, uploads: list[Upload], limit: int, *, mention: bool = False
     ) -> list[_Message]:
         """Each message of a result: the caption on the first, 🔄 on the last."""
-        prompt = escape_markdown(shorten(job.prompt, 1500))
+        prompt = escaped_prompt(job.prompt, CAPTION_PROMPT_MAX)
         if job.options.seed is not None:
             caption = t(
                 job.lang,

@@ -91,6 +91,8 @@ class ButtonHandler(Protocol):
 
     async def on_cancel(self, interaction: Inter, job_id: str) -> None: ...
 
+    async def on_unknown_button(self, interaction: Inter) -> None: ...
+
 
 class DrawbridgeClient(discord.Client):
     """A `discord.Client` that knows its adapter, so persistent buttons can reach it."""
@@ -98,6 +100,16 @@ class DrawbridgeClient(discord.Client):
     def __init__(self, handler: ButtonHandler, **options: Any) -> None:
         super().__init__(**options)
         self.handler = handler
+
+    async def on_interaction(self, interaction: Inter) -> None:
+        """A button none of ours matches (one another version of the bot posted, say) is still
+        answered: discord.py drops it, and the user would see "This interaction failed"."""
+        if interaction.type is not discord.InteractionType.component:
+            return
+        data: dict[str, Any] = dict(interaction.data or {})
+        custom_id = str(data.get("custom_id", ""))
+        if not any(p.fullmatch(custom_id) for p in (REROLL_ID, CANCEL_ID)):
+            await self.handler.on_unknown_button(interaction)
 
 
 def _handler(interaction: Inter) -> ButtonHandler:
@@ -108,11 +120,13 @@ def _handler(interaction: Inter) -> ButtonHandler:
 
 
 JOB_ID = r"(?P<job>[a-z0-9]{1,32})"
+REROLL_ID = re.compile(rf"drawbridge:reroll:{JOB_ID}")
+CANCEL_ID = re.compile(rf"drawbridge:cancel:{JOB_ID}")
 
 
 class RerollButton(
     discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=rf"drawbridge:reroll:{JOB_ID}",
+    template=REROLL_ID,
 ):
     """🔄 on a result: the same prompt and options again. Its custom id carries the job id,
     and the class is registered at start, so it works on messages posted before a restart."""
@@ -139,7 +153,7 @@ class RerollButton(
 
 class CancelButton(
     discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=rf"drawbridge:cancel:{JOB_ID}",
+    template=CANCEL_ID,
 ):
     """✖ on a status message while the job is queued or running."""
 
