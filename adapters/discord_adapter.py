@@ -29,6 +29,7 @@ from adapters.discord_parts import (
     ALREADY_ACKNOWLEDGED,
     CancelButton,
     DrawbridgeClient,
+    Given,
     Inter,
     InteractionMeta,
     RerollButton,
@@ -37,9 +38,10 @@ from adapters.discord_parts import (
 )
 from bot.adapter import StatusUpdate
 from bot.chat import Chat, Reply
+from bot.commands import parse_prompt
 from bot.engine import Engine
 from bot.errors import DeliveryError, InvalidRequest, SettingsError, UserError
-from bot.jobs import Job, Options, Request, StoredImage, Target, UserRef
+from bot.jobs import Job, Request, StoredImage, Target, UserRef
 from bot.texts import pick_lang, render_error, t
 from bot.validate import MAX_REFERENCE_BYTES
 
@@ -250,7 +252,7 @@ class DiscordAdapter:
         self,
         interaction: Inter,
         prompt: str,
-        options: Options,
+        given: Given,
         model: str | None,
         image: discord.Attachment | None,
     ) -> None:
@@ -260,13 +262,17 @@ class DiscordAdapter:
             if not self._accepting:
                 raise UserError("error.shutting_down")
             self.chat.admit(_user(interaction), self._target(interaction, acked))  # before a fetch
+            # `a fox --ar 16:9 --n 2`, as typed in Telegram (and Midjourney): the words' options
+            # count too; the command's own options, where given, win.
+            typed = parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)
+            options = given.over(typed.options)
             refs = (await self._reference(image),) if image is not None else ()
             request = Request(
                 user=_user(interaction),
                 target=self._target(interaction, acked),
-                prompt=prompt,
+                prompt=typed.prompt,
                 options=options,
-                model=model,
+                model=model or typed.model,
                 reference_images=refs,
                 lang=lang,
             )

@@ -10,11 +10,11 @@ import discord
 from discord import app_commands
 from discord.utils import escape_markdown
 
-from adapters.discord_parts import DrawbridgeClient, Inter, text
+from adapters.discord_parts import DrawbridgeClient, Given, Inter, text
 from bot.catalog import ModelSpec
 from bot.commands import parse_job_ref, shorten
 from bot.engine import Engine
-from bot.jobs import JobStatus, Options, UserRef
+from bot.jobs import JobStatus, UserRef
 from bot.texts import t
 
 if TYPE_CHECKING:
@@ -52,10 +52,8 @@ def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: Disc
         seed: app_commands.Range[int, 0, 4294967295] | None = None,
         image: discord.Attachment | None = None,
     ) -> None:
-        options = Options(
-            aspect_ratio=aspect_ratio, n=1 if count is None else count, size=size, seed=seed
-        )
-        await adapter.imagine(interaction, prompt, options, model, image)
+        given = Given(aspect_ratio=aspect_ratio, count=count, size=size, seed=seed)
+        await adapter.imagine(interaction, prompt, given, model, image)
 
     @imagine.autocomplete("model")
     async def model_choices(interaction: Inter, current: str) -> list[app_commands.Choice[str]]:

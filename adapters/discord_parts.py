@@ -16,6 +16,7 @@ from PIL import Image
 
 from bot.errors import DeliveryError
 from bot.images import extension_for
+from bot.jobs import Options
 from bot.texts import pick_lang, t
 
 Inter = discord.Interaction[discord.Client]
@@ -41,6 +42,25 @@ def token_gone(exc: discord.HTTPException) -> bool:
 
 def not_permitted(exc: discord.HTTPException) -> bool:
     return exc.code in (MISSING_ACCESS, MISSING_PERMISSIONS) or exc.status == 403
+
+
+@dataclass(frozen=True, slots=True)
+class Given:
+    """The /imagine command's own options, each None where the user left it out."""
+
+    aspect_ratio: str | None = None
+    count: int | None = None
+    size: str | None = None
+    seed: int | None = None
+
+    def over(self, typed: Options) -> Options:
+        """These over the options typed in the prompt (`a fox --ar 16:9`): the command's win."""
+        return Options(
+            aspect_ratio=self.aspect_ratio or typed.aspect_ratio,
+            n=typed.n if self.count is None else self.count,
+            size=self.size or typed.size,
+            seed=typed.seed if self.seed is None else self.seed,
+        )
 
 
 @dataclass(frozen=True, slots=True)

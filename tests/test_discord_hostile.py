@@ -344,15 +344,23 @@ async def test_an_option_the_command_does_not_have_is_ignored(
     assert found["status"] == "succeeded"
 
 
-async def test_text_options_in_a_discord_prompt_are_not_parsed(
+async def test_text_options_in_a_discord_prompt_count_and_the_commands_own_win(
     bot: base.Bot, fake: StrictDiscord, harness: Harness
 ) -> None:
-    # Observed behaviour, not asserted as right: the Telegram syntax typed into the Discord
-    # prompt is neither honoured nor refused; "--ar 16:9 --n 2" goes to the provider as words.
+    # "a fox --ar 16:9 --n 2", as typed in Telegram and Midjourney, once went to the provider as
+    # words. The options count now; where the command gives one too, the command's wins.
     inter = await fake.slash("imagine", {"prompt": "a fox --ar 16:9 --n 2"})
     await base.wait_ended(fake, inter)
-    (call,) = harness.provider.calls
-    assert (call.aspect_ratio, call.n) == ("1:1", 1) and "--ar 16:9" in call.prompt
+    inter = await fake.slash(
+        "imagine", {"prompt": "a cat --ar 16:9 --seed 5", "aspect_ratio": "1:1"}
+    )
+    await base.wait_ended(fake, inter)
+    fox, cat = harness.provider.calls
+    assert (fox.prompt, fox.aspect_ratio, fox.n) == ("a fox", "16:9", 2)
+    assert (cat.prompt, cat.aspect_ratio, cat.seed) == ("a cat", "1:1", 5)
+    inter = await fake.slash("imagine", {"prompt": "a fox --stylize 100"})
+    assert "I don't know the option --stylize" in await base.answer(fake, inter)
+    assert len(harness.provider.calls) == 2
 
 
 @pytest.mark.parametrize(
