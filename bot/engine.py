@@ -25,6 +25,7 @@ from bot.errors import (
     BudgetExceeded,
     ErrorKind,
     InvalidRequest,
+    JobEnded,
     JobNotFound,
     NotAllowed,
     QueueFull,
@@ -205,7 +206,13 @@ class Engine(OperatorControls):
 
     async def cancel(self, user: UserRef, job_id: str | None = None) -> Job:
         """Cancel a queued job (refunded) or abandon a running one (result discarded, refunded)."""
-        job = self._find_active(user, job_id)
+        try:
+            job = self._find_active(user, job_id)
+        except JobNotFound:
+            ended = await self.store.get_job(job_id.lower()) if job_id else None
+            if ended is not None and str(ended.user) == str(user):
+                raise JobEnded(job=ended.id) from None
+            raise
         if job.id in self._queue:
             if not self._claim_end(job.id):
                 raise JobNotFound(job=job.id)

@@ -86,6 +86,12 @@ class JobNotFound(UserError):
     key = "error.job_not_found"
 
 
+class JobEnded(JobNotFound):
+    """The user's own job, no longer queued or running: nothing to cancel."""
+
+    key = "error.job_ended"
+
+
 class ShuttingDown(UserError):
     key = "error.shutting_down"
 

@@ -11,6 +11,7 @@ from bot.adapter import StatusKind
 from bot.errors import (
     BudgetExceeded,
     InvalidRequest,
+    JobEnded,
     JobNotFound,
     QueueFull,
     QuotaExceeded,
@@ -206,6 +207,16 @@ async def test_budget_race_exactly_one_passes(harness: Harness) -> None:
         *(engine.submit(request(f"u{i}", model="paid")) for i in range(40)), return_exceptions=True
     )
     assert sum(not isinstance(r, Exception) for r in results) == 1
+
+
+async def test_cancelling_a_job_that_has_ended_says_so(harness: Harness) -> None:
+    engine = await harness.engine()
+    ticket = await engine.submit(request())
+    await engine.run_until_idle()
+    with pytest.raises(JobEnded):  # not "no job of yours was found"
+        await engine.cancel(UserRef("test", "alice"), ticket.job_id)
+    with pytest.raises(JobNotFound):  # someone else's: as if it did not exist
+        await engine.cancel(UserRef("test", "bob"), ticket.job_id)
 
 
 async def test_cancel_queued_job_is_refunded(harness: Harness) -> None:
