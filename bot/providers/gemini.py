@@ -239,7 +239,7 @@ class GeminiProvider:
 
         first = candidates[0] if isinstance(candidates[0], Mapping) else {}
         finish = _get(first, "finishReason", "finish_reason")
-        if finish in REFUSAL_FINISH_REASONS:
+        if isinstance(finish, str) and finish in REFUSAL_FINISH_REASONS:
             detail = _get(first, "finishMessage", "finish_message")
             suffix = f": {_clip(detail)}" if isinstance(detail, str) and detail else ""
             raise Refused(f"gemini would not make this image ({finish}){suffix}")

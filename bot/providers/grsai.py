@@ -207,7 +207,7 @@ class GrsaiProvider:
                 exc.task_id,
             )
             return await self._follow(request, exc.task_id, hooks, deadline, wait_first=False)
-        images = await self._conclude(final, request, hooks)
+        images = await self._conclude(final, request, hooks, deadline)
         if images is None:  # _read_stream only returns terminal tasks
             raise Transient("GrsAI's stream ended on an unfinished task")
         return images
@@ -295,7 +295,7 @@ class GrsaiProvider:
                         await asyncio.sleep(min(exc.retry_after, max(0.0, deadline - loop.time())))
                     continue
                 failures = 0
-                images = await self._conclude(task, request, hooks)
+                images = await self._conclude(task, request, hooks, deadline)
                 if images is not None:
                     return images
                 if loop.time() >= deadline:
@@ -345,7 +345,7 @@ class GrsaiProvider:
     # -- outcomes --------------------------------------------------------------------------
 
     async def _conclude(
-        self, task: Task, request: GenerationRequest, hooks: JobHooks
+        self, task: Task, request: GenerationRequest, hooks: JobHooks, deadline: float
     ) -> list[GeneratedImage] | None:
         """Images for a succeeded task, an error for a failed one, None while it runs."""
         status = str(task.get("status") or "").lower()
@@ -357,7 +357,9 @@ class GrsaiProvider:
             hooks.generated()
             session = self._get_session()
             return [
-                await download(session, url, max_bytes=self.max_image_bytes)
+                await download(
+                    session, url, max_bytes=self.max_image_bytes, timeout_s=_left(deadline)
+                )
                 for url in urls[: max(1, request.n)]
             ]
         if status in ("failed", "violation"):
@@ -396,6 +398,10 @@ class GrsaiProvider:
             return Transient("GrsAI sent a malformed answer")
         if code == TASK_GONE:
             return _TaskGone(f"GrsAI task not found ({msg or 'code -22'})")
+        if isinstance(code, int) and not isinstance(code, bool) and code >= 500:
+            # `{code: 503, msg: "server error"}` under HTTP 200: their server's trouble, not
+            # the request's (§1.7: the body's code counts as the status would).
+            return Transient(f"GrsAI: server error (code {code}){': ' + msg if msg else ''}")
         return BadRequest(f"GrsAI rejected the request (code {code}): {msg}")
 
     # -- HTTP ------------------------------------------------------------------------------
@@ -432,6 +438,11 @@ class GrsaiProvider:
 
 
 # -- pure helpers ------------------------------------------------------------------------------
+
+
+def _left(deadline: float) -> float:
+    """What is left of the job's time (a little at least): the bound of a result's download."""
+    return max(0.05, deadline - asyncio.get_running_loop().time())
 
 
 def _budget(deadline: float) -> float:
@@ -503,7 +514,7 @@ async def _report_progress(task: Task, hooks: JobHooks) -> None:
         return
     try:
         percent = int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc", "Infinity", 1e400
         return
     await hooks.progress(max(0, min(100, percent)))
 

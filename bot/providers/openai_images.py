@@ -343,7 +343,7 @@ class OpenAIImagesProvider:
             code = payload["error"].get("code") if isinstance(payload["error"], dict) else None
             as_status = code if isinstance(code, int) and 400 <= code <= 599 else 502
             raise self._error(as_status, raw, resp_headers)
-        return await self._images(request, payload, session, hooks)
+        return await self._images(request, payload, session, hooks, began + request.timeout_s)
 
     async def _call_streaming(
         self, request: GenerationRequest, family: str, size: str | None, hooks: JobHooks
@@ -357,6 +357,7 @@ class OpenAIImagesProvider:
         )
         headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "text/event-stream"}
         steps = self.partial_images + 1
+        deadline = time.monotonic() + request.timeout_s
         cap = (self.max_image_bytes * 4 // 3 + 4) * (steps + 1) + 1_000_000
         try:
             async with session.post(
@@ -369,7 +370,7 @@ class OpenAIImagesProvider:
                     payload = self._json(raw)  # a relay that ignored `stream`
                     if payload is None:
                         raise Transient("the image API sent an unreadable body")
-                    return await self._images(request, payload, session, hooks)
+                    return await self._images(request, payload, session, hooks, deadline)
                 buffer, seen = b"", 0
                 async for chunk in resp.content.iter_chunked(65536):
                     seen += len(chunk)
@@ -383,8 +384,9 @@ class OpenAIImagesProvider:
                             continue
                         kind = str(event.get("type", ""))
                         if kind.endswith(".partial_image"):
-                            index = int(event.get("partial_image_index", 0))
-                            await hooks.progress(100 * (index + 1) // steps)
+                            index = event.get("partial_image_index", 0)
+                            if isinstance(index, int) and not isinstance(index, bool):
+                                await hooks.progress(max(0, min(100, 100 * (index + 1) // steps)))
                         elif kind.endswith(".completed"):
                             usage = event.get("usage")
                             if isinstance(usage, dict):
@@ -435,8 +437,9 @@ class OpenAIImagesProvider:
         payload: Any,
         session: aiohttp.ClientSession,
         hooks: JobHooks | None,
+        deadline: float,
     ) -> list[GeneratedImage]:
-        """The answer's images, decoded or downloaded.
+        """The answer's images, decoded or downloaded, by `deadline` (`time.monotonic`).
 
         Before the first download, `hooks.generated()`: the API has made the images, and the
         job's generating slot goes to the next job while they are fetched.
@@ -465,7 +468,7 @@ class OpenAIImagesProvider:
                         session,
                         url,
                         max_bytes=self.max_image_bytes,
-                        timeout_s=min(120.0, request.timeout_s),
+                        timeout_s=max(0.05, min(120.0, deadline - time.monotonic())),
                     )
                 )
             else:
@@ -490,7 +493,7 @@ class OpenAIImagesProvider:
         message = code = etype = ""
         if isinstance(error, dict):
             message = str(error.get("message") or "")
-            code = str(error.get("code") or "")
+            code = self._redact(str(error.get("code") or ""))[:100]
             etype = str(error.get("type") or "")
         elif isinstance(error, str):
             message = error
