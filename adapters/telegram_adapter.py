@@ -90,6 +90,10 @@ class TelegramAdapter:
         self.webhook_secret = webhook_secret
         self.reference_max_bytes = reference_max_bytes
         self.clock = clock
+        # Messages sent before this process started may have been taken by the one before it:
+        # Telegram sends an update again until a poll's offset confirms it (PTB keeps the
+        # offset in memory only), so a bot killed in between would see those commands twice.
+        self.started_at = time.time()
         self.errors: deque[BaseException] = deque(maxlen=100)  # handler errors, for tests
         self.api_url = api_url = api_url.rstrip("/")
         if rate_limiter is None:
@@ -318,6 +322,11 @@ class TelegramAdapter:
         self, msg: Message, user: UserRef, target: Target, prompt: str, lang: str
     ) -> None:
         place = place_of(target)
+        if msg.date.timestamp() < self.started_at and await self.engine.store.message_has_job(
+            str(user), target.chat_id, target.reply_to
+        ):
+            log.info("telegram: message %s already has its job (taken before a restart)", msg.id)
+            return
         try:
             self.chat.admit(user, target)  # before any fetch
             parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)

@@ -308,6 +308,16 @@ class Store:
             totals[scope] = totals.get(scope, 0) + int(images or 0)
         return totals
 
+    async def message_has_job(self, user: str, chat_id: str, message_id: str | None) -> bool:
+        """Whether the platform message `message_id` (its `reply_to`) already made a job."""
+        platform, _, user_id = user.partition(":")
+        rows = await self._rdb.execute_fetchall(
+            "SELECT 1 FROM jobs WHERE platform = ? AND user_id = ? AND chat_id = ? "
+            "AND reply_to = ? LIMIT 1",
+            (platform, user_id, chat_id, message_id),
+        )
+        return bool(rows)
+
     async def alerts_sent(self, day: str) -> list[str]:
         """The keys of the admin alerts sent on `day` (`EngineBase.alert` records each)."""
         rows = await self._rdb.execute_fetchall(
