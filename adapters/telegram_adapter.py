@@ -10,6 +10,8 @@ every call goes through `telegram_send`, which keeps the chats' send budgets.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -61,6 +63,11 @@ def job_message_id(job: Job) -> int | None:
     return int(job.status_message_id) if job.status_message_id else None
 
 
+def derived_secret(token: str) -> str:
+    """A webhook secret for a bot whose operator set none: from the token, stable across starts."""
+    return hashlib.sha256(b"drawbridge telegram webhook\0" + token.encode()).hexdigest()
+
+
 class TelegramAdapter:
     """Telegram as the engine's adapter and as one of the app's services."""
 
@@ -87,7 +94,10 @@ class TelegramAdapter:
         self.chat = Chat(engine)
         self.poll_timeout = poll_timeout
         self.webhook_url = webhook_url
-        self.webhook_secret = webhook_secret
+        # Never a webhook anyone can post to: without TELEGRAM_WEBHOOK_SECRET the secret is
+        # derived from the token (which only Telegram and this bot know), so a forged update,
+        # an "admin" command from anyone, is refused all the same.
+        self.webhook_secret = webhook_secret or derived_secret(token)
         self.reference_max_bytes = reference_max_bytes
         self.clock = clock
         # Messages sent before this process started may have been taken by the one before it:
@@ -213,8 +223,8 @@ class TelegramAdapter:
         await self.app.update_queue.put(update)
 
     def webhook_secret_ok(self, header: str | None) -> bool:
-        """Whether `X-Telegram-Bot-Api-Secret-Token` matches the configured secret."""
-        return not self.webhook_secret or header == self.webhook_secret
+        """Whether `X-Telegram-Bot-Api-Secret-Token` matches the webhook's secret."""
+        return header is not None and hmac.compare_digest(header, self.webhook_secret)
 
     async def _set_commands(self) -> None:
         for lang, code in (("en", None), ("zh", "zh")):

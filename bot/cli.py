@@ -201,6 +201,7 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
 
 def telegram_webhook(adapter: TelegramAdapter) -> Callable[[web.Request], Awaitable[web.Response]]:
     """The route Telegram POSTs updates to, checking the secret header it was given."""
+    from aiohttp import web  # at run time too, not only for the type checker
 
     async def handle(request: web.Request) -> web.Response:
         if not adapter.webhook_secret_ok(request.headers.get("X-Telegram-Bot-Api-Secret-Token")):

@@ -18,11 +18,14 @@ from typing import Any
 
 import aiosqlite
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 from telegram.ext import AIORateLimiter
 
 from adapters.telegram_adapter import TelegramAdapter
 from bot.app import open_core, serve
+from bot.cli import telegram_webhook
 from bot.engine import Engine
 from bot.errors import Refused, SettingsError
 from bot.jobs import GeneratedImage
@@ -864,6 +867,32 @@ async def test_webhook_mode_sets_the_webhook_and_takes_updates_from_the_route(
     await adapter.process_webhook_update({"update_id": 9000, "message": msg})
     await tg.wait_for("sendPhoto")
     assert "getUpdates" not in tg.methods()
+
+
+async def test_a_webhook_without_a_configured_secret_still_has_one(
+    rig: Rig, tg: FakeTelegram
+) -> None:
+    # Without TELEGRAM_WEBHOOK_SECRET anyone who found the URL could post updates as anyone (an
+    # admin's /grant, say): the bot gives Telegram a secret derived from its token instead.
+    _, adapter = await rig.start(adapter_options={"webhook_url": "https://bot.example/tg"})
+    (hook,) = tg.sent("setWebhook")
+    secret = hook.params["secret_token"]
+    assert len(secret) >= 32 and tg.token not in secret
+    assert adapter.webhook_secret_ok(secret)
+    assert not adapter.webhook_secret_ok(None) and not adapter.webhook_secret_ok("")
+    # The route `drawbridge run` serves: a forged update is refused, Telegram's is taken.
+    app = web.Application()
+    app.router.add_post("/tg", telegram_webhook(adapter))
+    async with TestClient(TestServer(app)) as client:
+        update = {"update_id": 9100, "message": tg.message("a forged fox")}
+        assert (await client.post("/tg", json=update)).status == 403
+        wrong = {"X-Telegram-Bot-Api-Secret-Token": "guess"}
+        assert (await client.post("/tg", json=update, headers=wrong)).status == 403
+        await asyncio.sleep(0.1)
+        assert not tg.sent("sendPhoto") and await jobs(rig.harness) == []
+        right = {"X-Telegram-Bot-Api-Secret-Token": secret}
+        assert (await client.post("/tg", json=update, headers=right)).status == 200
+        await tg.wait_for("sendPhoto")
 
 
 # ---- paid broadcasts: the overflow past 30 a second, for Stars, within a cap -----------------
