@@ -328,9 +328,20 @@ class JobRunner(EngineBase):
             status, "failed"
         )
         log.info("✗ job=%s %s kind=%s %s", job.id, mark, kind.value, error)
-        if status is JobStatus.CANCELLED:
+        await self._tell_end(job)
+        self._check_idle()
+        return job
+
+    async def _tell_end(self, job: Job) -> None:
+        """Tell the user how a job without a result ended; a restart tells again an end a crash
+        cut off (`told_at` still NULL)."""
+        try:
+            kind = ErrorKind(job.error_kind or ErrorKind.INTERNAL.value)
+        except ValueError:  # a row written by something else
+            kind = ErrorKind.INTERNAL
+        if job.status is JobStatus.CANCELLED:
             await self._emit(job, StatusKind.CANCELLED, "status.cancelled")
-        elif status is JobStatus.REFUSED:
+        elif job.status is JobStatus.REFUSED:
             reason = t(job.lang, "reason.refused")
             await self._emit(job, StatusKind.REFUSED, "status.refused", reason=reason)
         elif kind is ErrorKind.TIMEOUT:
@@ -338,8 +349,7 @@ class JobRunner(EngineBase):
         else:
             reason = t(job.lang, f"reason.{kind.value}")
             await self._emit(job, StatusKind.FAILED, "status.failed", reason=reason)
-        self._check_idle()
-        return job
+        self.store.post(("UPDATE jobs SET told_at = ? WHERE id = ?", (self.clock(), job.id)))
 
     async def _emit(
         self, job: Job, kind: StatusKind, key: str, percent: int | None = None, **params: object

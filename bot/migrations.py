@@ -142,6 +142,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # v5: when a job that ended without a result was told so: a restart tells again the
+        # ends a crash cut off between their commit and their message.
+        "ALTER TABLE jobs ADD COLUMN told_at REAL",
+        "UPDATE jobs SET told_at = finished_at WHERE status IN ('failed','refused','cancelled')",
+        "CREATE INDEX jobs_untold ON jobs(finished_at) "
+        "WHERE told_at IS NULL AND status IN ('failed','refused','cancelled')",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

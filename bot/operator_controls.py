@@ -133,5 +133,7 @@ class OperatorControls(Scheduler):
             finished_at=now,
         )
         await self.store.insert_job(job)
+        # Told at once, by the refusal submit raises: not an end for a restart to tell again.
+        self.store.post(("UPDATE jobs SET told_at = ? WHERE id = ?", (now, job.id)))
         self.metrics.jobs.labels(JobStatus.REFUSED.value, "blocklist", spec.name).inc()
         log.info("✗ job=%s refused by the blocklist (%s)", job.id, term)

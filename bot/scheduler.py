@@ -14,6 +14,8 @@ from bot.jobs import Job, JobStatus
 
 log = logging.getLogger("drawbridge.engine")
 
+RETELL_WINDOW = 3600.0  # seconds: an end a crash left untold is told again if this recent
+
 
 class Scheduler(JobRunner):
     """Lifecycle (resume, drain, park) and the loop that hands out generating slots."""
@@ -56,6 +58,10 @@ class Scheduler(JobRunner):
         for job in undelivered:
             if job.target.platform in self.adapters:
                 self._spawn(self._deliver_stored(job))
+        untold = await self.store.untold_ends(self.clock() - RETELL_WINDOW) if resume else []
+        for job in untold:
+            if job.target.platform in self.adapters:
+                self._spawn(self._tell_end(job))
         if resumed or undelivered:
             log.info("resumed %d queued jobs, %d undelivered results", resumed, len(undelivered))
         self._scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")

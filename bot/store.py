@@ -260,6 +260,14 @@ class Store:
             (max_attempts,),
         )
 
+    async def untold_ends(self, since: float) -> list[Job]:
+        """Jobs that ended without a result since `since` and whose user was not yet told."""
+        return await self._select_jobs(
+            "WHERE told_at IS NULL AND status IN ('failed','refused','cancelled') "
+            "AND finished_at >= ? ORDER BY finished_at",
+            (since,),
+        )
+
     async def recent_jobs(self, user: UserRef, limit: int = 10) -> list[Job]:
         return await self._select_jobs(
             "WHERE platform = ? AND user_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",

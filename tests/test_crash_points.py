@@ -348,21 +348,7 @@ def is_failure(op: Op) -> bool:
     return op[0].startswith("UPDATE jobs SET status = ?, cost_usd = 0")
 
 
-@pytest.mark.parametrize(
-    "committed",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="WINDOW: a final failure committed but not yet shown is not told again "
-                "after a crash; closing it needs adapters to confirm a final status was posted",
-            ),
-        ),
-    ],
-    ids=["end-posted", "end-committed"],
-)
+@pytest.mark.parametrize("committed", [False, True], ids=["end-posted", "end-committed"])
 async def test_crash_while_a_refusal_is_recorded(harness: Harness, committed: bool) -> None:
     p = harness.provider
     p.task_ids = True
@@ -388,12 +374,9 @@ async def test_crash_while_a_refusal_is_recorded(harness: Harness, committed: bo
     assert [(r["status"], r["cost_usd"]) for r in table] == [("refused", 0)]
     assert p.submits() == 1  # a resumed task is asked again by its id
     assert harness.adapter.delivered(ticket.job_id) == 0
-    # WINDOW (end-committed, xfail above): `_finish` commits the refusal before the adapter
-    # shows it, and a restart resumes only queued/running rows and undelivered successes, so a
-    # crash in between leaves a final row whose user never hears the outcome. Failed, refused,
-    # timed-out and cancelled ends would need the "told yet?" mark deliveries have, set when the
-    # adapter has posted the final status (the adapters queue status edits; the engine does not
-    # hear when one went out).
+    # end-committed: `_finish` commits the refusal before it tells the user; a crash in between
+    # once left a final row whose user never heard the outcome. The row's `told_at` stays NULL
+    # until it is told, and a restart tells such recent ends again.
     assert finals(harness, ticket.job_id) == [StatusKind.REFUSED]
 
 
