@@ -94,6 +94,7 @@ class Engine(OperatorControls):
         self._generating: set[str] = set()  # running jobs still in the (cancellable) generate stage
         self._cancelled: set[str] = set()
         self._ending: set[str] = set()
+        self._link_tries: dict[str, list[float]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()

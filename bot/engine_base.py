@@ -52,6 +52,7 @@ class EngineBase:
     _generating: set[str]  # running jobs still in the (cancellable) generate stage
     _cancelled: set[str]
     _ending: set[str]  # jobs whose end (`_finish`) one caller has claimed
+    _link_tries: dict[str, list[float]]  # user → when they tried a wrong link code
     _background: set[asyncio.Task[None]]
     _wakeup: asyncio.Event
     _idle: asyncio.Event

@@ -20,6 +20,13 @@ from bot.errors import InvalidRequest, SettingsError
 from bot.jobs import Target, UserRef
 
 LINK_CODE_TTL = 600.0
+# A link code is 10 letters of an alphabet without look-alikes (~50 bits), and one user may try
+# only a few wrong ones in a while: a guessed code joins the guesser to its owner's account, its
+# quota and, for an admin's account, its admin rights.
+LINK_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
+LINK_CODE_LENGTH = 10
+LINK_TRIES = 5  # wrong codes a user may try in LINK_CODE_TTL
+MAX_COUNT = 1_000_000  # the largest image count a grant or a policy takes
 
 
 def scope_of(target: Target) -> str:
@@ -70,7 +77,7 @@ def parse_policy_changes(policy: Policy, args: Sequence[str]) -> Policy:
                 raise InvalidRequest("error.policy_syntax", keys="blocklist=on|off")
             changes[key] = value.lower() in ("on", "true", "1")
         else:
-            if not value.isdigit():
+            if not re.fullmatch(r"[0-9]{1,7}", value) or int(value) > MAX_COUNT:
                 raise InvalidRequest("error.policy_syntax", keys=f"{key}=<number>")
             changes[key] = int(value)
     return replace(policy, **changes)
@@ -164,8 +171,14 @@ class Operator:
         return sorted({account, *(m for m, a in self.accounts.items() if a == account)})
 
     def banned(self, user: UserRef | str) -> bool:
+        """A ban holds for the whole account: every platform identity linked into it."""
         key = str(user)
-        return key in self.bans or self.account_of(key) in self.bans
+        account = self.account_of(key)
+        return (
+            key in self.bans
+            or account in self.bans
+            or any(self.account_of(b) == account for b in self.bans)
+        )
 
     def granted(self, account: str, day: str) -> int:
         return self.grants.get((account, day), 0)
@@ -184,9 +197,12 @@ class Operator:
         ]
 
     def unban(self, member: str, actor: str, now: float) -> list[Op]:
-        self.bans.discard(member)
+        """Lift the ban on `member` and on every identity of its account (a ban holds for all)."""
+        account = self.account_of(member)
+        lifted = {member, *(b for b in self.bans if self.account_of(b) == account)}
+        self.bans -= lifted
         return [
-            ("DELETE FROM bans WHERE member = ?", (member,)),
+            *(("DELETE FROM bans WHERE member = ?", (m,)) for m in sorted(lifted)),
             _audit(now, actor, "unban", member),
         ]
 
@@ -223,7 +239,7 @@ class Operator:
         ]
 
     def new_link_code(self, member: str, now: float) -> tuple[str, list[Op]]:
-        code = f"{secrets.randbelow(10**6):06d}"
+        code = "".join(secrets.choice(LINK_CODE_ALPHABET) for _ in range(LINK_CODE_LENGTH))
         return code, [
             ("DELETE FROM link_codes WHERE member = ? OR expires_at < ?", (member, now)),
             (
@@ -238,6 +254,18 @@ class Operator:
         old = self.account_of(joiner)
         moved = [m for m in self.members(old)]
         ops: list[Op] = []
+        for granted_to, day in list(self.grants):
+            if granted_to == old and old != account:  # the joiner's extra images come along
+                total = self.grants.pop((old, day)) + self.grants.get((account, day), 0)
+                self.grants[(account, day)] = total
+                ops += [
+                    ("DELETE FROM grants WHERE account = ? AND day = ?", (old, day)),
+                    (
+                        "INSERT INTO grants (account, day, images) VALUES (?, ?, ?) "
+                        "ON CONFLICT(account, day) DO UPDATE SET images = excluded.images",
+                        (account, day, total),
+                    ),
+                ]
         for member in {owner, *moved}:
             self.accounts[member] = account
             ops.append(

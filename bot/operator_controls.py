@@ -10,9 +10,10 @@ from dataclasses import replace
 from bot.catalog import ModelSpec
 from bot.dbwriter import Op
 from bot.engine_config import new_job, new_job_id
-from bot.errors import ErrorKind, InvalidRequest, JobNotFound, UserError
+from bot.errors import ErrorKind, InvalidRequest, JobNotFound, NotAllowed, UserError
 from bot.job_rows import insert_job_op
 from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
+from bot.operator import LINK_CODE_TTL, LINK_TRIES
 from bot.scheduler import Scheduler
 from bot.stats import usage_csv
 
@@ -37,6 +38,8 @@ class OperatorControls(Scheduler):
 
     async def show(self, user: UserRef, job_id: str, target: Target) -> int:
         """Post a finished job's stored images again, here; returns how many."""
+        if self.operator.banned(user) and not self.is_admin(user):
+            raise NotAllowed()  # a ban stops the bot posting images for them, old ones too
         job = await self.store.get_job(job_id.lower())
         account = self.operator.account_of(user)
         if job is None or (
@@ -61,9 +64,16 @@ class OperatorControls(Scheduler):
     async def link(self, joiner: UserRef, code: str) -> str:
         """Join `joiner` to the account that asked for `code`; they share quota from now on."""
         now = self.clock()
-        owner = await self.store.link_code_owner(code.strip(), now)
+        key = str(joiner)
+        tries = [t for t in self._link_tries.get(key, []) if t > now - LINK_CODE_TTL]
+        if len(tries) >= LINK_TRIES:
+            raise InvalidRequest("error.link_tries", minutes=int(LINK_CODE_TTL // 60))
+        owner = await self.store.link_code_owner(code.strip().upper(), now)
         if owner is None:
+            self._link_tries[key] = [*tries, now]
             raise InvalidRequest("error.link_code")
+        self._link_tries.pop(key, None)
+        code = code.strip().upper()
         if self.operator.account_of(owner) == self.operator.account_of(joiner):
             return self.operator.account_of(owner)
         account, old, ops = self.operator.link(owner, str(joiner), now)
@@ -71,6 +81,10 @@ class OperatorControls(Scheduler):
         await self.store.write(*ops)
         for day in (self.quotas.today(), self.quotas.day_of(now - 86400)):
             self.quotas.merge(day, old, account)
+        # Jobs still queued or running settle (or are refunded) against the account now.
+        for job_id, job in list(self._jobs.items()):
+            if job.quota_key == old:
+                self._jobs[job_id] = replace(job, account=account)
         log.info("linked %s into account %s", joiner, account)
         return account
 

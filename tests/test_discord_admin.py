@@ -291,7 +291,7 @@ async def test_export_sends_the_usage_csv_as_an_ephemeral_file(bot: Bot, fake: F
 async def test_link_gives_a_code_that_joins_two_accounts(bot: Bot, fake: FakeDiscord) -> None:
     inter = await fake.slash("link", locale="zh-CN")
     text = await answered(fake, inter, "链接码")
-    code = re.search(r"\b(\d{6})\b", text)
+    code = re.search(r"\b([A-Z2-9]{10})\b", text)
     assert code, text
     join = await fake.slash("link", {"code": code[1]}, user=BOB)
     await answered(fake, join, f"Linked: your accounts now share one daily limit ({ADMIN})")

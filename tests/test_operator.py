@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiosqlite
 
@@ -77,7 +78,7 @@ async def test_linked_identities_share_one_daily_limit(harness: Harness) -> None
     tg_chat, dc_chat = Target("telegram", chat_id="1"), Target("discord", chat_id="9")
     assert "Queued" in await say(chat, tg, "/imagine a fox", tg_chat)
     code_text = await say(chat, tg, "/link", tg_chat)
-    code = next(w for w in code_text.split() if w.rstrip(".").isdigit() and len(w.rstrip(".")) == 6)
+    code = re.findall(r"\b[A-Z2-9]{10}\b", code_text)[0]
     assert "Linked" in await say(chat, dc, f"/link {code.rstrip('.')}", dc_chat)
     assert "wrong or has expired" in await say(chat, dc, f"/link {code.rstrip('.')}", dc_chat)
     assert "Queued" in await say(chat, dc, "/imagine a fox", dc_chat)

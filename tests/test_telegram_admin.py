@@ -81,7 +81,7 @@ async def test_ban_grant_link_history_and_show(rig: Rig, tg: FakeTelegram) -> No
     await tg.wait_for("sendPhoto", count=3)
     tg.message("/link", user=bob, chat=bob_chat)
     code = await tg.wait_text("Your link code")
-    assert re.search(r"\b\d{6}\b", code.text or "")
+    assert re.search(r"\b[A-Z2-9]{10}\b", code.text or "")
     tg.message("/ban 77")
     await tg.wait_text("is banned")
     tg.message("/imagine a dog", user=bob, chat=bob_chat)
