@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from bot.commands import parse_command, parse_job_ref, parse_prompt, shorten
 from bot.engine import Engine
-from bot.errors import NotAllowed, UserError
+from bot.errors import InvalidRequest, NotAllowed, UserError
 from bot.jobs import Request, Target, Ticket, UserRef
-from bot.operator import parse_policy_changes
+from bot.operator import MAX_COUNT, parse_policy_changes
 from bot.quota import days_before
 from bot.stats import period, render_period
 from bot.texts import money, queued_text, render_error, t
@@ -16,6 +17,7 @@ from bot.texts import money, queued_text, render_error, t
 COMMANDS = ("imagine", "usage", "jobs", "cancel", "models", "settings", "help", "start")
 USER_COMMANDS = ("link", "history", "show")
 ADMIN_COMMANDS = ("stats", "grant", "ban", "unban", "policy", "export")
+PLATFORMS = frozenset({"telegram", "discord", "console", "cli"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,11 @@ class Chat:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    @property
+    def platforms(self) -> frozenset[str]:
+        """The platforms a user id in an admin command may name."""
+        return PLATFORMS | frozenset(self.engine.adapters)
 
     async def handle(
         self,
@@ -201,17 +208,20 @@ class Chat:
                 data = await engine.usage_csv()
                 return Reply(t(lang, "export.done"), document=("drawbridge-usage.csv", data))
             case "grant":
-                if len(words) != 2 or not words[1].isdigit() or int(words[1]) <= 0:
+                member = _member(words[0], user, self.platforms) if len(words) == 2 else None
+                count = words[1] if len(words) == 2 else ""
+                if member is None or not _COUNT.fullmatch(count) or not 0 < int(count) <= MAX_COUNT:
                     return Reply(t(lang, "error.grant_syntax"), error=True)
-                member = _member(words[0], user)
                 account = engine.operator.account_of(member)
                 day = engine.quotas.today()
                 await engine.apply(engine.operator.grant(account, day, int(words[1]), actor, now))
                 return Reply(t(lang, "grant.done", user=member, images=int(words[1])))
             case "ban" | "unban":
-                if len(words) != 1:
+                member = _member(words[0], user, self.platforms) if len(words) == 1 else None
+                if member is None:
                     return Reply(t(lang, "error.ban_syntax", command=name), error=True)
-                member = _member(words[0], user)
+                if name == "ban" and engine.is_admin(member):  # admins skip bans: say so
+                    return Reply(t(lang, "error.ban_admin", user=member), error=True)
                 if name == "ban":
                     await engine.apply(engine.operator.ban(member, actor, now))
                 else:
@@ -221,6 +231,9 @@ class Chat:
                 policy = engine.operator.policy(target)
                 if words:
                     policy = parse_policy_changes(policy, words)
+                    unknown = [m for m in policy.models if engine.catalog.get(m) is None]
+                    if unknown:  # a typo would refuse every request in the chat
+                        raise InvalidRequest("error.unknown_model", model=", ".join(unknown))
                     await engine.apply(engine.operator.set_policy(policy, actor, now))
                 return Reply(t(lang, "policy.show", scope=policy.scope, policy=policy.describe()))
 
@@ -236,7 +249,15 @@ class Chat:
         return "\n".join(parts)
 
 
-def _member(arg: str, caller: UserRef) -> str:
-    """`telegram:123` as given; a bare id is taken on the caller's platform."""
-    arg = arg.strip().lstrip("@")
-    return arg if ":" in arg else f"{caller.platform}:{arg}"
+_COUNT = re.compile(r"[0-9]{1,7}")  # ASCII digits: "²".isdigit() is true, int("²") fails
+_MEMBER = re.compile(r"(?:([a-z]+):)?([A-Za-z0-9_.-]{1,64})")
+
+
+def _member(arg: str, caller: UserRef, platforms: frozenset[str]) -> str | None:
+    """`telegram:123` as given, a bare id on the caller's platform; None for anything that
+    could never name a user (`telegram:`, `telegarm:1`, `:5`)."""
+    match = _MEMBER.fullmatch(arg.strip().lstrip("@"))
+    if match is None:
+        return None
+    platform = match[1] or caller.platform
+    return f"{platform}:{match[2]}" if platform in platforms else None
