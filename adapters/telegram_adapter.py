@@ -332,9 +332,9 @@ class TelegramAdapter:
         self, msg: Message, user: UserRef, target: Target, prompt: str, lang: str
     ) -> None:
         place = place_of(target)
-        # (Dates are whole seconds: one of the second this process started in is not checked;
-        # no restart is that quick.)
-        if msg.date.timestamp() < int(self.started_at) and await self.engine.store.message_has_job(
+        # (Dates are whole seconds, so the first second's messages are checked too: a restart
+        # can be that quick.)
+        if msg.date.timestamp() < self.started_at and await self.engine.store.message_has_job(
             str(user), target.chat_id, target.reply_to
         ):
             log.info("telegram: message %s already has its job (taken before a restart)", msg.id)
