@@ -221,9 +221,20 @@ class Sender:
         return {"message_id": reply_to, "allow_sending_without_reply": True}
 
     async def _api(self, method: str, params: dict[str, Any], retries: int | None) -> Any:
-        """`method` through PTB (built, limited and checked as ever), its answer left as JSON."""
+        """`method` through PTB (built, limited and checked as ever), its answer left as JSON.
+
+        A forum topic deleted meanwhile ("message thread not found") does not silence the job:
+        the message goes to the chat itself instead.
+        """
         kwargs = {key: value for key, value in params.items() if value is not None}
-        return await self.bot.do_api_request(method, kwargs, rate_limit_args=retries)
+        try:
+            return await self.bot.do_api_request(method, kwargs, rate_limit_args=retries)
+        except BadRequest as exc:
+            if "message_thread_id" not in kwargs or "thread not found" not in exc.message.lower():
+                raise
+            log.info("chat %s: topic gone, %s goes to the chat", kwargs.get("chat_id"), method)
+            del kwargs["message_thread_id"]
+            return await self.bot.do_api_request(method, kwargs, rate_limit_args=retries)
 
     async def send_text(
         self,

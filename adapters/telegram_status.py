@@ -21,7 +21,6 @@ message of its own. So at load a burst of jobs in one chat costs one call plus t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -124,6 +123,8 @@ class ChatStatus:
         line.wanted = (fit_text(text), buttons)
         line.droppable = droppable
         line.final = final
+        if final:  # the outcome gets tries of its own: failed acks do not use them up
+            line.failures, line.dead = 0, False
         if line.post is not None:
             self._refresh_ack(line.post)  # an ack waiting for the budget takes the newest text
         if droppable and line.task is not None:
@@ -350,7 +351,13 @@ class ChatStatus:
             )
         except RetryAfter as exc:
             line.last = self.clock() + retry_seconds(exc)  # a newer text may replace this one
-            return
+            if not line.delivered:
+                return
+            # The result is out and said it all: its "done" edit gets a few tries against the
+            # flood limits, not a fight for as long as they last.
+            line.failures += 1
+            if line.failures < GIVE_UP_AFTER:
+                return
         except Forbidden:
             line.dead = True
             return
@@ -426,8 +433,12 @@ class ChatStatus:
         try:
             while jobs:
                 if self.sender.has_room(key[0]):
-                    with contextlib.suppress(TelegramError):
+                    try:
                         await self.sender.chat_action(key[0], key[1])
+                    except Forbidden:
+                        return  # kicked or blocked: no more "uploading…" to this chat
+                    except TelegramError:
+                        pass
                 await asyncio.sleep(self.action_interval)
         finally:
             self._typing_tasks.pop(key, None)
