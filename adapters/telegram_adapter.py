@@ -63,6 +63,9 @@ def job_message_id(job: Job) -> int | None:
     return int(job.status_message_id) if job.status_message_id else None
 
 
+REPLAY_CHECKS = 100  # getUpdates' limit: the most updates one poll takes
+
+
 def derived_secret(token: str) -> str:
     """A webhook secret for a bot whose operator set none: from the token, stable across starts."""
     return hashlib.sha256(b"drawbridge telegram webhook\0" + token.encode()).hexdigest()
@@ -103,7 +106,13 @@ class TelegramAdapter:
         # Messages sent before this process started may have been taken by the one before it:
         # Telegram sends an update again until a poll's offset confirms it (PTB keeps the
         # offset in memory only), so a bot killed in between would see those commands twice.
+        # Only the last batch it took can come again (the intake gate holds the next poll until
+        # a batch is handled), at most a poll's 100 updates, and they come first: so many
+        # prompts are looked up among the messages the last day's jobs came from (read at
+        # `open`, then let go), with no wait for the database.
         self.started_at = time.time()
+        self._replay_checks = REPLAY_CHECKS
+        self._taken: set[tuple[str, str, str]] | None = None
         self.errors: deque[BaseException] = deque(maxlen=100)  # handler errors, for tests
         self.api_url = api_url = api_url.rstrip("/")
         if rate_limiter is None:
@@ -178,6 +187,10 @@ class TelegramAdapter:
                 f"TELEGRAM_API_URL: the Bot API at {self.api_url} did not answer getMe "
                 f"({type(exc).__name__})"
             ) from None
+        self._taken = await self.engine.store.messages_with_jobs(
+            self.platform,
+            self.started_at - 86400,  # Telegram keeps an update for 24 hours
+        )
         if self.paid_lane is not None:  # today's paid messages, as counted before a restart
             day = self.engine.quotas.today()
             self.paid_lane.resume(day, await self.engine.store.paid_messages("telegram", day))
@@ -334,11 +347,16 @@ class TelegramAdapter:
         place = place_of(target)
         # (Dates are whole seconds, so the first second's messages are checked too: a restart
         # can be that quick.)
-        if msg.date.timestamp() < self.started_at and await self.engine.store.message_has_job(
-            str(user), target.chat_id, target.reply_to
-        ):
-            log.info("telegram: message %s already has its job (taken before a restart)", msg.id)
-            return
+        taken = self._taken
+        if taken is not None and msg.date.timestamp() < self.started_at:
+            self._replay_checks -= 1
+            if self._replay_checks <= 0:
+                self._taken = None  # past the replays: the memory goes
+            if (str(user), target.chat_id, str(target.reply_to)) in taken:
+                log.info(
+                    "telegram: message %s already has its job (taken before a restart)", msg.id
+                )
+                return
         try:
             self.chat.admit(user, target)  # before any fetch
             parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)

@@ -149,6 +149,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE jobs SET told_at = finished_at WHERE status IN ('failed','refused','cancelled')",
         "CREATE INDEX jobs_untold ON jobs(finished_at) "
         "WHERE told_at IS NULL AND status IN ('failed','refused','cancelled')",
+        # and which platform messages the last day's jobs came from (a restart's replays)
+        "CREATE INDEX jobs_created ON jobs(created_at)",
     ),
 )
 

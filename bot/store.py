@@ -316,15 +316,14 @@ class Store:
             totals[scope] = totals.get(scope, 0) + int(images or 0)
         return totals
 
-    async def message_has_job(self, user: str, chat_id: str, message_id: str | None) -> bool:
-        """Whether the platform message `message_id` (its `reply_to`) already made a job."""
-        platform, _, user_id = user.partition(":")
+    async def messages_with_jobs(self, platform: str, since: float) -> set[tuple[str, str, str]]:
+        """(user, chat, message id) of the platform messages that made a job since `since`."""
         rows = await self._rdb.execute_fetchall(
-            "SELECT 1 FROM jobs WHERE platform = ? AND user_id = ? AND chat_id = ? "
-            "AND reply_to = ? LIMIT 1",
-            (platform, user_id, chat_id, message_id),
+            "SELECT user_id, chat_id, reply_to FROM jobs "
+            "WHERE created_at >= ? AND platform = ? AND reply_to IS NOT NULL",
+            (since, platform),
         )
-        return bool(rows)
+        return {(f"{platform}:{r[0]}", str(r[1]), str(r[2])) for r in rows}
 
     async def alerts_sent(self, day: str) -> list[str]:
         """The keys of the admin alerts sent on `day` (`EngineBase.alert` records each)."""
