@@ -324,7 +324,10 @@ class ChatStatus:
         for line in lines:
             if line in post.lines:
                 post.lines.remove(line)
-            line.dead = line.dead or dead
+            # A refused ack does not kill an outcome that came after it was sent: that text gets
+            # a try of its own (and, refused too, ends the line).
+            late_outcome = line.final and line.wanted != line.ack
+            line.dead = line.dead or (dead and not late_outcome)
             if line.posting is not None and not line.posting.done():
                 line.posting.set_result(posted)
 

@@ -629,7 +629,6 @@ async def test_an_outcome_that_meets_a_short_telegram_outage_is_still_told(
     assert told.ok
 
 
-@pytest.mark.xfail(strict=True, reason="a 400 on the ack drops a final text that joined it")
 async def test_a_failure_during_an_ack_that_is_then_refused_is_still_told(
     rig: Rig, tg: HostileTelegram, provider: ShapedProvider
 ) -> None:
@@ -643,8 +642,8 @@ async def test_a_failure_during_an_ack_that_is_then_refused_is_still_told(
     await until(lambda: any(c.method == "sendMessage" for c in tg.calls))
     await rig.idle()  # the job has failed and asked to say so, while the ack is out
     release.set()
-    # WINDOW (xfail): the ack refused with a 400 marks the line dead while the job's failure
-    # waits to be shown in it; the failure is then never posted. Only when the 400 comes before
-    # the failure does the outcome get through.
+    # The ack refused with a 400 once marked the line dead while the job's failure waited to be
+    # shown in it, and the failure was never posted. An outcome that came after the ack was sent
+    # gets a try of its own now.
     told = await tg.wait_text("refused", within=3)
     assert told.method == "sendMessage"
