@@ -125,7 +125,7 @@ class Engine(OperatorControls):
         cfg = self.config
         user = str(request.user)
         account = self.operator.account_of(user)
-        admin = user in cfg.admin_ids or account in cfg.admin_ids
+        admin = self.is_admin(user)
         if not cfg.allowed(user, request.target) or (not admin and self.operator.banned(user)):
             raise NotAllowed()
         spec, prompt, options = validate_request(
@@ -262,7 +262,7 @@ class Engine(OperatorControls):
             usd=usd,
             usd_limit=lim.user_usd,
             active_jobs=sum(self._active_by_user.get(m, 0) for m in self.operator.members(account)),
-            exempt=key in self.config.admin_ids or account in self.config.admin_ids,
+            exempt=self.is_admin(key),
         )
 
     async def jobs(self, user: UserRef, limit: int = 10) -> list[Job]:

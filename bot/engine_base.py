@@ -13,9 +13,9 @@ from bot.catalog import Catalog
 from bot.engine_config import EngineConfig
 from bot.errors import ErrorKind, ProviderError
 from bot.fairqueue import FairQueue
-from bot.jobs import Job, Target
+from bot.jobs import Job, Target, UserRef
 from bot.metrics import Metrics
-from bot.operator import Operator
+from bot.operator import Operator, audit_op
 from bot.providers.base import Provider
 from bot.quota import Quotas
 from bot.routing import BreakerState, Router
@@ -81,6 +81,12 @@ class EngineBase:
             self._active_by_user[key] = left
         else:
             self._active_by_user.pop(key, None)
+
+    def is_admin(self, user: UserRef | str) -> bool:
+        """An ADMIN_IDS member, or linked into an account that is one."""
+        key = str(user)
+        ids = self.config.admin_ids
+        return key in ids or self.operator.account_of(key) in ids
 
     def _claim_end(self, job_id: str) -> bool:
         """Whoever ends a job without a result claims it first, and only one caller can.
@@ -159,12 +165,7 @@ class EngineBase:
         if (key, day) in self._alerted:
             return
         self._alerted.add((key, day))
-        self.store.post(
-            (
-                "INSERT INTO audit (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
-                (self.clock(), "drawbridge", "alert", key, day),
-            )
-        )
+        self.store.post(audit_op(self.clock(), "drawbridge", "alert", key, day))
         for admin in sorted(self.config.admin_ids):
             platform, _, user_id = admin.partition(":")
             adapter = self.adapters.get(platform)

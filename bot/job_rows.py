@@ -59,6 +59,11 @@ def insert_job_op(job: Job) -> Op:
     )
 
 
+def told_op(job_id: str, at: float) -> Op:
+    """The job's user has been told how it ended (`jobs.told_at`)."""
+    return ("UPDATE jobs SET told_at = ? WHERE id = ?", (at, job_id))
+
+
 def row_to_job(r: Any) -> Job:
     return Job(
         id=r["id"],

@@ -12,6 +12,7 @@ from bot.adapter import StatusKind, StatusUpdate
 from bot.catalog import ModelSpec
 from bot.engine_base import EngineBase
 from bot.errors import BadRequest, DeliveryError, ErrorKind, ProviderError, Transient, UserError
+from bot.job_rows import told_op
 from bot.jobs import GeneratedImage, Job, JobStatus, StoredImage
 from bot.operator import scope_of
 from bot.providers.base import GenerationRequest
@@ -131,15 +132,8 @@ class JobRunner(EngineBase):
         extra = spec.cost(job.options.n, job.options.size) - job.reserved_usd
         if extra <= 1e-9:
             return job.reserved_usd
-        admins = self.config.admin_ids
         try:
-            self.quotas.reserve(
-                job.quota_key,
-                job.day,
-                0,
-                extra,
-                exempt=str(job.user) in admins or job.quota_key in admins,
-            )
+            self.quotas.reserve(job.quota_key, job.day, 0, extra, exempt=self.is_admin(job.user))
         except UserError:
             return None
         return job.reserved_usd + extra
@@ -349,7 +343,7 @@ class JobRunner(EngineBase):
         else:
             reason = t(job.lang, f"reason.{kind.value}")
             await self._emit(job, StatusKind.FAILED, "status.failed", reason=reason)
-        self.store.post(("UPDATE jobs SET told_at = ? WHERE id = ?", (self.clock(), job.id)))
+        self.store.post(told_op(job.id, self.clock()))
 
     async def _emit(
         self, job: Job, kind: StatusKind, key: str, percent: int | None = None, **params: object

@@ -193,7 +193,7 @@ class Operator:
         self.bans.add(member)
         return [
             ("INSERT OR REPLACE INTO bans (member, by, at) VALUES (?, ?, ?)", (member, actor, now)),
-            _audit(now, actor, "ban", member),
+            audit_op(now, actor, "ban", member),
         ]
 
     def unban(self, member: str, actor: str, now: float) -> list[Op]:
@@ -203,7 +203,7 @@ class Operator:
         self.bans -= lifted
         return [
             *(("DELETE FROM bans WHERE member = ?", (m,)) for m in sorted(lifted)),
-            _audit(now, actor, "unban", member),
+            audit_op(now, actor, "unban", member),
         ]
 
     def grant(self, account: str, day: str, images: int, actor: str, now: float) -> list[Op]:
@@ -215,7 +215,7 @@ class Operator:
                 "ON CONFLICT(account, day) DO UPDATE SET images = excluded.images",
                 (account, day, total),
             ),
-            _audit(now, actor, "grant", account, f"+{images} images on {day} (now {total})"),
+            audit_op(now, actor, "grant", account, f"+{images} images on {day} (now {total})"),
         ]
 
     def set_policy(self, policy: Policy, actor: str, now: float) -> list[Op]:
@@ -235,7 +235,7 @@ class Operator:
                     now,
                 ),
             ),
-            _audit(now, actor, "policy", policy.scope, policy.describe()),
+            audit_op(now, actor, "policy", policy.scope, policy.describe()),
         ]
 
     def new_link_code(self, member: str, now: float) -> tuple[str, list[Op]]:
@@ -274,11 +274,11 @@ class Operator:
                     (member, account, now),
                 )
             )
-        ops.append(_audit(now, joiner, "link", account, json.dumps(sorted(moved))))
+        ops.append(audit_op(now, joiner, "link", account, json.dumps(sorted(moved))))
         return account, old, ops
 
 
-def _audit(now: float, actor: str, action: str, subject: str, detail: str = "") -> Op:
+def audit_op(now: float, actor: str, action: str, subject: str, detail: str = "") -> Op:
     return (
         "INSERT INTO audit (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
         (now, actor, action, subject, detail),

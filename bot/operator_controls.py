@@ -11,7 +11,7 @@ from bot.catalog import ModelSpec
 from bot.dbwriter import Op
 from bot.engine_config import new_job, new_job_id
 from bot.errors import ErrorKind, InvalidRequest, JobNotFound, NotAllowed, UserError
-from bot.job_rows import insert_job_op
+from bot.job_rows import insert_job_op, told_op
 from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
 from bot.operator import LINK_CODE_TTL, LINK_TRIES
 from bot.scheduler import Scheduler
@@ -22,11 +22,6 @@ log = logging.getLogger("drawbridge.engine")
 
 class OperatorControls(Scheduler):
     """What admin and account commands do, and the free paths of submit (cache, blocklist)."""
-
-    def is_admin(self, user: UserRef | str) -> bool:
-        key = str(user)
-        ids = self.config.admin_ids
-        return key in ids or self.operator.account_of(key) in ids
 
     async def usage_csv(self) -> bytes:
         return usage_csv(await self.store.usage())
@@ -68,12 +63,12 @@ class OperatorControls(Scheduler):
         tries = [t for t in self._link_tries.get(key, []) if t > now - LINK_CODE_TTL]
         if len(tries) >= LINK_TRIES:
             raise InvalidRequest("error.link_tries", minutes=int(LINK_CODE_TTL // 60))
-        owner = await self.store.link_code_owner(code.strip().upper(), now)
+        code = code.strip().upper()  # as `new_link_code` makes them; typed in any case
+        owner = await self.store.link_code_owner(code, now)
         if owner is None:
             self._link_tries[key] = [*tries, now]
             raise InvalidRequest("error.link_code")
         self._link_tries.pop(key, None)
-        code = code.strip().upper()
         if self.operator.account_of(owner) == self.operator.account_of(joiner):
             return self.operator.account_of(owner)
         account, old, ops = self.operator.link(owner, str(joiner), now)
@@ -148,6 +143,6 @@ class OperatorControls(Scheduler):
         )
         await self.store.insert_job(job)
         # Told at once, by the refusal submit raises: not an end for a restart to tell again.
-        self.store.post(("UPDATE jobs SET told_at = ? WHERE id = ?", (now, job.id)))
+        self.store.post(told_op(job.id, now))
         self.metrics.jobs.labels(JobStatus.REFUSED.value, "blocklist", spec.name).inc()
         log.info("✗ job=%s refused by the blocklist (%s)", job.id, term)
