@@ -111,10 +111,16 @@ class ErrorKind(StrEnum):
 
 
 class ProviderError(DrawbridgeError):
-    """A provider call failed. `retryable` kinds are retried by the engine's policy."""
+    """A provider call failed. `retryable` kinds are retried by the engine's policy.
+
+    `retry_after` is the provider's own word (`Retry-After`, Gemini's RetryInfo) unless
+    `hint_is_ours`: then it is drawbridge's guess (a breaker's cooldown), waited for within the
+    job's stage even when the stage ends first, since the provider may be back sooner.
+    """
 
     kind = ErrorKind.TRANSIENT
     retryable = True
+    hint_is_ours = False
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)

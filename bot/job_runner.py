@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import replace
@@ -16,7 +17,7 @@ from bot.job_rows import told_op
 from bot.jobs import GeneratedImage, Job, JobStatus, StoredImage
 from bot.operator import scope_of
 from bot.providers.base import GenerationRequest
-from bot.providers.retry import hinted_wait, provider_retrying
+from bot.providers.retry import hinted_wait, outlasts, provider_retrying
 from bot.routing import FAILOVER_KINDS, CircuitOpen, Route
 from bot.texts import t
 
@@ -49,8 +50,8 @@ class JobRunner(EngineBase):
                 )
                 await self._emit(job, StatusKind.STARTED, "status.started", model=job.model)
                 timeout = min(spec.timeout_s, self.config.generate_timeout)
-                async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
-                    images, served = await self._generate(job, spec)
+                async with asyncio.timeout(timeout) as stage:  # cheaper than wait_for
+                    images, served = await self._generate(job, spec, stage)
             finally:
                 # CONCURRENCY counts jobs generating: storing and delivering the result (or the
                 # failure) happens outside the slot, so the next job starts now.
@@ -65,7 +66,9 @@ class JobRunner(EngineBase):
             return
         except ProviderError as exc:
             status = JobStatus.REFUSED if exc.kind is ErrorKind.REFUSED else JobStatus.FAILED
-            await self._finish(job, status, exc.kind, str(exc) or exc.kind.value)
+            await self._finish(
+                job, status, exc.kind, str(exc) or exc.kind.value, retry_after=exc.retry_after
+            )
             return
         except Exception as exc:
             log.exception("job=%s failed unexpectedly", job.id)
@@ -84,7 +87,9 @@ class JobRunner(EngineBase):
         del images  # the files hold them now: don't keep the bytes through a slow upload
         await self._deliver(done, stored)
 
-    async def _generate(self, job: Job, spec: ModelSpec) -> tuple[list[GeneratedImage], ModelSpec]:
+    async def _generate(
+        self, job: Job, spec: ModelSpec, stage: asyncio.Timeout
+    ) -> tuple[list[GeneratedImage], ModelSpec]:
         """Images from the first route that works, and the model that made them.
 
         Each route gets the retry policy; when a route stays down (its breaker open, or still
@@ -112,7 +117,7 @@ class JobRunner(EngineBase):
                 job = await self._switch_provider(job, route.provider.name, hooks, reserved)
             try:
                 return await self._attempts(
-                    job, route, refs, hooks, i == len(routes) - 1
+                    job, route, refs, hooks, i == len(routes) - 1, stage
                 ), route.spec
             except ProviderError as exc:
                 if exc.kind not in FAILOVER_KINDS:
@@ -139,9 +144,19 @@ class JobRunner(EngineBase):
         return job.reserved_usd + extra
 
     async def _attempts(
-        self, job: Job, route: Route, refs: tuple[bytes, ...], hooks: _Hooks, last_route: bool
+        self,
+        job: Job,
+        route: Route,
+        refs: tuple[bytes, ...],
+        hooks: _Hooks,
+        last_route: bool,
+        stage: asyncio.Timeout,
     ) -> list[GeneratedImage]:
-        """The retry policy on one route; an open breaker moves on at once unless it is the last."""
+        """The retry policy on one route; an open breaker moves on at once unless it is the last.
+
+        A wait that would outlast the stage is not waited for: the error is raised now (a
+        Retry-After of an hour ends the job as rate limited, or moves it to the next route).
+        """
         spec = route.spec
 
         def request() -> GenerationRequest:
@@ -171,10 +186,13 @@ class JobRunner(EngineBase):
             if isinstance(exc, CircuitOpen) and not last_route:
                 raise
             initial = self.config.retry_initial
-            await asyncio.sleep(hinted_wait(exc, initial + random.uniform(0, initial), 120.0))
+            wait = hinted_wait(exc, initial + random.uniform(0, initial), 120.0)
+            if outlasts(exc, wait, _left(stage)):
+                raise
+            await asyncio.sleep(wait)
         try:
             async for attempt in provider_retrying(
-                self.config.retry_attempts - 1, self.config.retry_initial * 2
+                self.config.retry_attempts - 1, self.config.retry_initial * 2, within=_left(stage)
             ):
                 with attempt:
                     await self._retake_slot(job.id, provider)
@@ -291,9 +309,17 @@ class JobRunner(EngineBase):
                 return
 
     async def _finish(
-        self, job: Job, status: JobStatus, kind: ErrorKind, error: str, *, claimed: bool = False
+        self,
+        job: Job,
+        status: JobStatus,
+        kind: ErrorKind,
+        error: str,
+        *,
+        claimed: bool = False,
+        retry_after: float | None = None,
     ) -> Job:
-        """End a job that produced nothing: record why, refund its hold, tell the user.
+        """End a job that produced nothing: record why, refund its hold, tell the user (and,
+        for a rate limit the provider said would last, for how long).
 
         Once: a job another caller is ending, or one that has ended, is left as it is.
         """
@@ -322,11 +348,11 @@ class JobRunner(EngineBase):
             status, "failed"
         )
         log.info("✗ job=%s %s kind=%s %s", job.id, mark, kind.value, error)
-        await self._tell_end(job)
+        await self._tell_end(job, retry_after)
         self._check_idle()
         return job
 
-    async def _tell_end(self, job: Job) -> None:
+    async def _tell_end(self, job: Job, retry_after: float | None = None) -> None:
         """Tell the user how a job without a result ended; a restart tells again an end a crash
         cut off (`told_at` still NULL)."""
         try:
@@ -341,7 +367,10 @@ class JobRunner(EngineBase):
         elif kind is ErrorKind.TIMEOUT:
             await self._emit(job, StatusKind.TIMEOUT, "status.timeout")
         else:
-            reason = t(job.lang, f"reason.{kind.value}")
+            if kind is ErrorKind.RATE_LIMITED and retry_after is not None and retry_after > 90:
+                reason = t(job.lang, "reason.rate_limited_for", minutes=math.ceil(retry_after / 60))
+            else:
+                reason = t(job.lang, f"reason.{kind.value}")
             await self._emit(job, StatusKind.FAILED, "status.failed", reason=reason)
         self.store.post(told_op(job.id, self.clock()))
 
@@ -399,3 +428,9 @@ class _Hooks:
     def generated(self) -> None:
         # The provider made the images: its slot goes to the next job while they are fetched.
         self._engine._free_slot(self._job.id)
+
+
+def _left(stage: asyncio.Timeout) -> float:
+    """Seconds left before the stage's timeout fires (infinite without one)."""
+    when = stage.when()
+    return float("inf") if when is None else when - asyncio.get_running_loop().time()

@@ -46,6 +46,8 @@ class CircuitOpen(Transient):
     that (within its stage timeout) instead of failing at once.
     """
 
+    hint_is_ours = True
+
 
 class BreakerState(StrEnum):
     CLOSED = "closed"

@@ -30,6 +30,7 @@ EN: dict[str, str] = {
     # ---- failure reasons, one per error kind ----
     "reason.refused": "the request was blocked by the provider's safety filter",
     "reason.rate_limited": "the image service is busy, please try again in a minute",
+    "reason.rate_limited_for": "the image service is busy for the next {minutes} minutes, please try again then",
     "reason.transient": "the image service had a temporary problem",
     "reason.auth": "the image service is temporarily unavailable",
     "reason.bad_request": "the image service did not accept these settings",
@@ -208,6 +209,7 @@ ZH: dict[str, str] = {
     "status.delivered": "✅ 完成 · 任务 {job}",
     "reason.refused": "请求被服务商的安全过滤拦截",
     "reason.rate_limited": "图像服务繁忙，请一分钟后再试",
+    "reason.rate_limited_for": "图像服务在接下来 {minutes} 分钟内繁忙，请届时再试",
     "reason.transient": "图像服务出现临时故障",
     "reason.auth": "图像服务暂时不可用",
     "reason.bad_request": "图像服务不接受这些设置",

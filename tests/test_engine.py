@@ -15,6 +15,7 @@ from bot.errors import (
     JobNotFound,
     QueueFull,
     QuotaExceeded,
+    RateLimited,
     Refused,
     ShuttingDown,
     TooManyPending,
@@ -262,6 +263,25 @@ async def test_transient_errors_are_retried_then_succeed(harness: Harness) -> No
     await engine.run_until_idle()
     assert (await status_of(harness, ticket.job_id))[0] == "succeeded"
     assert len(harness.provider.calls) == 3
+
+
+async def test_a_retry_after_past_the_stage_is_not_waited_for(harness: Harness) -> None:
+    """Told to come back after the stage's time is up, the job ends now with the provider's
+    reason (not a timeout at the end of a pointless wait), and the user hears for how long."""
+    harness.provider.errors["busy"] = [RateLimited("429", retry_after=600)]
+    harness.provider.errors["later"] = [Transient("503"), Transient("503", retry_after=600)]
+    engine = await harness.engine(retry_attempts=4, generate_timeout=30)
+    busy = await engine.submit(request("a", prompt="busy", model="paid"))
+    later = await engine.submit(request("b", prompt="later", model="paid"))
+    async with asyncio.timeout(10):
+        await engine.run_until_idle()
+    assert await status_of(harness, busy.job_id) == ("failed", 0.0, "rate_limited", 1)
+    assert (await status_of(harness, later.job_id))[:3] == ("failed", 0.0, "transient")
+    assert len(harness.provider.calls) == 3  # one try, then two: none after the long hint
+    ((_, told),) = [
+        (j, u) for j, u in harness.adapter.statuses if j == busy.job_id and u.kind.final
+    ]
+    assert "10 minutes" in told.text and "not charged" in told.text
 
 
 async def test_persistent_failure_ends_with_a_message_and_no_charge(harness: Harness) -> None:

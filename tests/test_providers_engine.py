@@ -55,6 +55,9 @@ async def grsai() -> AsyncIterator[Setup]:
         provider = GrsaiProvider(fake.api_key, fake.base_url, poll_interval=0.01)
         faults: dict[str, Callable[[], None]] = {
             "429 retry-after": lambda: fake.submit_faults.append(Fault.http(429, retry_after="1")),
+            "429 for an hour": lambda: fake.submit_faults.append(
+                Fault.http(429, retry_after="3600")
+            ),
             "429": lambda: fake.submit_faults.append(Fault.http(429)),
             "5xx": lambda: fake.submit_faults.append(Fault.http(503)),
             "hang": lambda: fake.submit_faults.extend([Fault("hang")] * 4),
@@ -80,6 +83,7 @@ async def openai() -> AsyncIterator[Setup]:
         provider = OpenAIImagesProvider(fake.api_key, fake.base_url)
         faults: dict[str, Callable[[], None]] = {
             "429 retry-after": lambda: fake.fail_next("rate_limit", retry_after="1"),
+            "429 for an hour": lambda: fake.fail_next("rate_limit", retry_after="3600"),
             "429": lambda: fake.fail_next("rate_limit"),
             "5xx": lambda: fake.fail_next("server_error", status=503),
             "hang": lambda: fake.fail_next("hang", times=4),
@@ -115,6 +119,10 @@ async def gemini() -> AsyncIterator[Setup]:
 
         faults: dict[str, Callable[[], None]] = {
             "429 retry-after": lambda: fake.faults.append("rate_limit"),
+            "429 for an hour": lambda: (
+                setattr(fake, "retry_delay", "3600s"),
+                fake.faults.append("rate_limit"),
+            ),
             "429": lambda: fake.faults.append("rate_limit_bare"),
             "5xx": lambda: fake.faults.append("overloaded"),
             "hang": lambda: setattr(fake, "fault", "hang"),
@@ -185,6 +193,8 @@ async def test_success_stores_the_served_bytes_and_charges(name: str, tmp_path: 
 OUTCOMES = {
     "429 retry-after": ("succeeded", None),
     "429": ("succeeded", None),
+    # Told to wait past the stage's time: ended at once, and the user told for how long.
+    "429 for an hour": ("failed", "rate_limited"),
     "5xx": ("succeeded", None),
     "hang": ("failed", "timeout"),
     "refusal": ("refused", "refused"),
@@ -209,6 +219,8 @@ async def test_faults_end_the_job_right(name: str, fault: str, tmp_path: Path) -
             assert cost == 0
             final = [u for j, u in adapter.statuses if j == ticket.job_id and u.kind.final]
             assert final and "not charged" in final[-1].text
+            if fault == "429 for an hour":
+                assert "60 minutes" in final[-1].text
             usage = await engine.usage(UserRef("test", "alice"))
             assert usage.images == 0  # the reservation was released
 

@@ -158,7 +158,7 @@ async def test_fault_soak_every_job_ends_with_a_message(tmp_path: Path) -> None:
         ).fetchall()
     assert "queued" not in statuses and "running" not in statuses
     assert sum(statuses.values()) == 40 and charged_failures == 0
-    assert statuses.get("succeeded", 0) >= 30, errors[:5]  # retries carry most jobs through
+    assert statuses.get("succeeded", 0) >= 30, errors  # retries carry most jobs through
     for ticket in tickets:
         delivered = adapter.delivered(ticket.job_id)
         final = [u for j, u in adapter.statuses if j == ticket.job_id and u.kind.final]

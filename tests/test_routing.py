@@ -172,6 +172,36 @@ async def test_failover_to_the_next_provider_when_the_first_is_down(tmp_path: Pa
             await gemini.aclose()
 
 
+async def test_a_provider_busy_for_an_hour_sends_the_job_to_the_next_one_now(
+    tmp_path: Path,
+) -> None:
+    """A 429 whose Retry-After outlasts the job's stage is not waited out on that provider."""
+    async with FakeGrsai() as grsai_fake, FakeGemini() as gemini_fake:
+        grsai_fake.submit_faults.append(Fault.http(429, retry_after="3600"))
+        grsai = GrsaiProvider(grsai_fake.api_key, grsai_fake.base_url, poll_interval=0.01)
+        gemini = GeminiProvider(gemini_fake.api_key, gemini_fake.base_url)
+        providers = {"grsai": grsai, "gemini": gemini}
+        catalog = Catalog.load()
+        router = Router(catalog, providers, fallbacks={"nano-banana-pro": ["grsai", "gemini"]})
+        store = await Store.open(tmp_path)
+        config = EngineConfig(retry_attempts=4, retry_initial=0.01, generate_timeout=600)
+        engine = Engine(store, catalog, providers, config, router=router)
+        engine.register(RecordingAdapter())
+        await engine.start()
+        try:
+            ticket = await engine.submit(request("nano-banana-pro"))
+            async with asyncio.timeout(20):  # it would have slept 120 s before a retry
+                await engine.run_until_idle()
+            s, provider, _, _ = await status(tmp_path, ticket.job_id)
+            assert (s, provider) == ("succeeded", "gemini")
+            assert len([r for r in grsai_fake.requests if "draw" in r.path]) == 1
+        finally:
+            await engine.close()
+            await store.close()
+            await grsai.aclose()
+            await gemini.aclose()
+
+
 async def test_a_grsai_task_submitted_before_a_crash_is_polled_not_paid_again(
     tmp_path: Path,
 ) -> None:
