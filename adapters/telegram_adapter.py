@@ -108,8 +108,9 @@ class TelegramAdapter:
         # offset in memory only), so a bot killed in between would see those commands twice.
         # Only the last batch it took can come again (the intake gate holds the next poll until
         # a batch is handled), at most a poll's 100 updates, and they come first: so many
-        # prompts are looked up among the messages the last day's jobs came from (read at
-        # `open`, then let go), with no wait for the database.
+        # prompts and commands are looked up among the messages the last day's jobs and
+        # changes (a /grant, a /link) came from (read at `open`, then let go), with no wait
+        # for the database.
         self.started_at = time.time()
         self._replay_checks = REPLAY_CHECKS
         self._taken: set[tuple[str, str, str]] | None = None
@@ -187,9 +188,9 @@ class TelegramAdapter:
                 f"TELEGRAM_API_URL: the Bot API at {self.api_url} did not answer getMe "
                 f"({type(exc).__name__})"
             ) from None
-        self._taken = await self.engine.store.messages_with_jobs(
+        self._taken = await self.engine.store.handled_messages(
             self.platform,
-            self.started_at - 86400,  # Telegram keeps an update for 24 hours
+            self.engine.clock() - 86400,  # Telegram keeps an update for 24 hours
         )
         if self.paid_lane is not None:  # today's paid messages, as counted before a restart
             day = self.engine.quotas.today()
@@ -313,6 +314,8 @@ class TelegramAdapter:
             reply_to=str(msg.message_id),
         )
         place = place_of(target)
+        if ask.kind is not AskKind.HINT and self._replayed(msg, user, target):
+            return
         try:
             if ask.kind is AskKind.HINT:
                 self.board.reply(place, t(lang, ask.text), lang, str(user))
@@ -341,22 +344,27 @@ class TelegramAdapter:
             self.board.reply(place, t(lang, "error.generic"), lang, str(user))  # never silence
             raise
 
+    def _replayed(self, msg: Message, user: UserRef, target: Target) -> bool:
+        """Whether a process before this one took this message (see `started_at`).
+
+        (Dates are whole seconds, so the first second's messages are checked too: a restart
+        can be that quick.)
+        """
+        taken = self._taken
+        if taken is None or msg.date.timestamp() >= self.started_at:
+            return False
+        self._replay_checks -= 1
+        if self._replay_checks <= 0:
+            self._taken = None  # past the replays: the memory goes
+        if (str(user), target.chat_id, str(target.reply_to)) in taken:
+            log.info("telegram: message %s was handled before a restart", msg.id)
+            return True
+        return False
+
     async def _imagine(
         self, msg: Message, user: UserRef, target: Target, prompt: str, lang: str
     ) -> None:
         place = place_of(target)
-        # (Dates are whole seconds, so the first second's messages are checked too: a restart
-        # can be that quick.)
-        taken = self._taken
-        if taken is not None and msg.date.timestamp() < self.started_at:
-            self._replay_checks -= 1
-            if self._replay_checks <= 0:
-                self._taken = None  # past the replays: the memory goes
-            if (str(user), target.chat_id, str(target.reply_to)) in taken:
-                log.info(
-                    "telegram: message %s already has its job (taken before a restart)", msg.id
-                )
-                return
         try:
             self.chat.admit(user, target)  # before any fetch
             parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)

@@ -80,7 +80,7 @@ class Chat:
                 case "start":
                     return Reply(t(lang, "start") + "\n\n" + t(lang, "help"))
                 case "link":
-                    return Reply(await self.link(user, command.args, lang))
+                    return Reply(await self.link(user, command.args, lang, target))
                 case "history":
                     return Reply(await self.jobs_text(user, lang, limit=25))
                 case "show":
@@ -177,12 +177,12 @@ class Chat:
 
     # ---- identity, history ------------------------------------------------------------------
 
-    async def link(self, user: UserRef, args: str, lang: str) -> str:
+    async def link(self, user: UserRef, args: str, lang: str, target: Target | None = None) -> str:
         code = args.strip()
         if not code:
             code = await self.engine.new_link_code(user)
             return t(lang, "link.code", code=code, minutes=10)
-        account = await self.engine.link(user, code)
+        account = await self.engine.link(user, code, target)
         return t(lang, "link.done", account=account)
 
     async def show(self, user: UserRef, target: Target, args: str, lang: str) -> str:
@@ -201,6 +201,7 @@ class Chat:
         words = args.split()
         now = engine.clock()
         actor = str(user)
+        source = (user, target)  # the message: a restart's replay of it changes nothing again
         match name:
             case "stats":
                 return Reply(await self.stats_text(lang))
@@ -214,7 +215,9 @@ class Chat:
                     return Reply(t(lang, "error.grant_syntax"), error=True)
                 account = engine.operator.account_of(member)
                 day = engine.quotas.today()
-                await engine.apply(engine.operator.grant(account, day, int(words[1]), actor, now))
+                await engine.apply(
+                    engine.operator.grant(account, day, int(words[1]), actor, now), source
+                )
                 return Reply(t(lang, "grant.done", user=member, images=int(words[1])))
             case "ban" | "unban":
                 member = _member(words[0], user, self.platforms) if len(words) == 1 else None
@@ -223,9 +226,9 @@ class Chat:
                 if name == "ban" and engine.is_admin(member):  # admins skip bans: say so
                     return Reply(t(lang, "error.ban_admin", user=member), error=True)
                 if name == "ban":
-                    await engine.apply(engine.operator.ban(member, actor, now))
+                    await engine.apply(engine.operator.ban(member, actor, now), source)
                 else:
-                    await engine.apply(engine.operator.unban(member, actor, now))
+                    await engine.apply(engine.operator.unban(member, actor, now), source)
                 return Reply(t(lang, f"{name}.done", user=member))
             case _:  # policy
                 policy = engine.operator.policy(target)
@@ -234,7 +237,7 @@ class Chat:
                     unknown = [m for m in policy.models if engine.catalog.get(m) is None]
                     if unknown:  # a typo would refuse every request in the chat
                         raise InvalidRequest("error.unknown_model", model=", ".join(unknown))
-                    await engine.apply(engine.operator.set_policy(policy, actor, now))
+                    await engine.apply(engine.operator.set_policy(policy, actor, now), source)
                 return Reply(t(lang, "policy.show", scope=policy.scope, policy=policy.describe()))
 
     async def stats_text(self, lang: str) -> str:

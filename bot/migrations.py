@@ -152,6 +152,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # and which platform messages the last day's jobs came from (a restart's replays)
         "CREATE INDEX jobs_created ON jobs(created_at)",
     ),
+    (
+        # v6: the platform messages whose command changed something (a /grant, a /link), in the
+        # change's own transaction: a restart's replay of the same update is not applied twice.
+        """
+        CREATE TABLE commands (
+            platform   TEXT NOT NULL,
+            user_id    TEXT NOT NULL,
+            chat_id    TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            at         REAL NOT NULL,
+            PRIMARY KEY (platform, chat_id, message_id)
+        )
+        """,
+        "CREATE INDEX commands_at ON commands(at)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -278,6 +278,24 @@ class Operator:
         return account, old, ops
 
 
+COMMANDS_KEPT = 2 * 86400  # Telegram re-sends an update for 24 hours at most
+
+
+def command_ops(user: UserRef, target: Target, now: float) -> list[Op]:
+    """Record that the platform message `target` replies to changed something, so a restart's
+    replay of it is not applied again (`Store.handled_messages`); older records go."""
+    if target.reply_to is None:
+        return []
+    return [
+        (
+            "INSERT OR IGNORE INTO commands (platform, user_id, chat_id, message_id, at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (user.platform, user.user_id, target.chat_id, target.reply_to, now),
+        ),
+        ("DELETE FROM commands WHERE at < ?", (now - COMMANDS_KEPT,)),
+    ]
+
+
 def audit_op(now: float, actor: str, action: str, subject: str, detail: str = "") -> Op:
     return (
         "INSERT INTO audit (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",

@@ -13,7 +13,7 @@ from bot.engine_config import new_job, new_job_id
 from bot.errors import ErrorKind, InvalidRequest, JobNotFound, NotAllowed, UserError
 from bot.job_rows import insert_job_op, told_op
 from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
-from bot.operator import LINK_CODE_TTL, LINK_TRIES
+from bot.operator import LINK_CODE_TTL, LINK_TRIES, command_ops
 from bot.scheduler import Scheduler
 from bot.stats import usage_csv
 
@@ -52,12 +52,16 @@ class OperatorControls(Scheduler):
             await adapter.deliver(replace(job, target=target), existing)
         return len(existing)
 
-    async def apply(self, ops: Sequence[Op]) -> None:
-        """Persist an operator change (its in-memory part is already applied)."""
+    async def apply(self, ops: Sequence[Op], source: tuple[UserRef, Target] | None = None) -> None:
+        """Persist an operator change (its in-memory part is already applied); `source`, the
+        command's sender and message, is recorded with it (`command_ops`)."""
+        if source is not None:
+            ops = [*ops, *command_ops(*source, self.clock())]
         await self.store.write(*ops)
 
-    async def link(self, joiner: UserRef, code: str) -> str:
-        """Join `joiner` to the account that asked for `code`; they share quota from now on."""
+    async def link(self, joiner: UserRef, code: str, source: Target | None = None) -> str:
+        """Join `joiner` to the account that asked for `code`; they share quota from now on.
+        `source` is the message that asked (`command_ops`)."""
         now = self.clock()
         key = str(joiner)
         tries = [t for t in self._link_tries.get(key, []) if t > now - LINK_CODE_TTL]
@@ -73,6 +77,8 @@ class OperatorControls(Scheduler):
             return self.operator.account_of(owner)
         account, old, ops = self.operator.link(owner, str(joiner), now)
         ops.append(("DELETE FROM link_codes WHERE code = ?", (code.strip(),)))
+        if source is not None:
+            ops += command_ops(joiner, source, now)
         await self.store.write(*ops)
         for day in (self.quotas.today(), self.quotas.day_of(now - 86400)):
             self.quotas.merge(day, old, account)

@@ -316,12 +316,15 @@ class Store:
             totals[scope] = totals.get(scope, 0) + int(images or 0)
         return totals
 
-    async def messages_with_jobs(self, platform: str, since: float) -> set[tuple[str, str, str]]:
-        """(user, chat, message id) of the platform messages that made a job since `since`."""
+    async def handled_messages(self, platform: str, since: float) -> set[tuple[str, str, str]]:
+        """(user, chat, message id) of the platform messages that made a job, or whose command
+        changed something (`operator.command_ops`), since `since`."""
         rows = await self._rdb.execute_fetchall(
             "SELECT user_id, chat_id, reply_to FROM jobs "
-            "WHERE created_at >= ? AND platform = ? AND reply_to IS NOT NULL",
-            (since, platform),
+            "WHERE created_at >= ? AND platform = ? AND reply_to IS NOT NULL "
+            "UNION ALL SELECT user_id, chat_id, message_id FROM commands "
+            "WHERE at >= ? AND platform = ?",
+            (since, platform, since, platform),
         )
         return {(f"{platform}:{r[0]}", str(r[1]), str(r[2])) for r in rows}
 

@@ -658,5 +658,5 @@ async def test_kill_9_before_telegram_hears_the_update_was_taken(tmp_path: Path)
     # Telegram re-sends an update until a getUpdates offset confirms it (PTB keeps the offset in
     # memory only); the restarted bot once took the same message again and made a second job (a
     # second bill, a second image). A message sent before the process started is checked
-    # against the messages the last day's jobs came from now (`Store.messages_with_jobs`).
+    # against the messages the last day's jobs came from now (`Store.handled_messages`).
     assert (len(jobs), len(photos)) == (1, 1), f"jobs {jobs}, photos posted {len(photos)}"

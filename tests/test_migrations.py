@@ -41,8 +41,10 @@ async def test_a_database_of_every_earlier_release_opens_with_its_rows(
     try:
         jobs = await store.recent_jobs(UserRef("telegram", "7"))
         assert sorted(j.id for j in jobs) == ["bad", "no", "ok"]
-        # Ends from before `told_at` existed were told then: a restart does not tell them again.
-        assert await store.untold_ends(0.0) == []
+        # Ends from before `told_at` existed (v5) were told then: a restart does not tell
+        # them again. (From v5 on, a row written without `told_at` is an untold end.)
+        if version < 5:
+            assert await store.untold_ends(0.0) == []
     finally:
         await store.close()
     with sqlite3.connect(data / "drawbridge.db") as db:

@@ -9,7 +9,7 @@ import pytest
 from bot.quota import Limits
 from tests import test_telegram as base
 from tests.fake_telegram import FakeTelegram
-from tests.test_telegram import Rig, jobs
+from tests.test_telegram import Rig, jobs, rows
 
 # The Telegram test rig's fixtures, shared with tests/test_telegram.py.
 tg, provider, rig = base.tg, base.provider, base.rig
@@ -86,3 +86,32 @@ async def test_ban_grant_link_history_and_show(rig: Rig, tg: FakeTelegram) -> No
     await tg.wait_text("is banned")
     tg.message("/imagine a dog", user=bob, chat=bob_chat)
     await tg.wait_text("not open to you")
+
+
+async def test_a_command_telegram_sends_again_after_a_restart_is_not_applied_twice(
+    rig: Rig, tg: FakeTelegram
+) -> None:
+    """Telegram re-sends the updates a killed bot had not confirmed: a /grant (or a /link) a
+    bot applied just before it died comes again to the next one, which must not apply it
+    twice (a second grant is images the operator pays for)."""
+    engine, adapter = await rig.start(admin_ids=frozenset({ADMIN}))
+    bob, bob_chat = tg.user(BOB, name="Bob"), tg.chat(BOB)
+    grant = tg.message("/grant 77 5")
+    await tg.wait_text("gets 5 extra image")
+    tg.message("/link", user=bob, chat=bob_chat)
+    code = re.findall(r"\b[A-Z2-9]{10}\b", (await tg.wait_text("Your link code")).text or "")[0]
+    carol, carol_chat = tg.user(88, name="Carol"), tg.chat(88)
+    link = tg.message(f"/link {code}", user=carol, chat=carol_chat)
+    await tg.wait_text("Linked")
+    await rig.stop(engine, adapter)
+    engine, _ = await rig.start(admin_ids=frozenset({ADMIN}))
+    tg.push({"message": grant})  # as Telegram re-sends them: same message, dated before
+    tg.push({"message": link})
+    tg.message("/grant 77 1")  # a new command is applied
+    await tg.wait_text("gets 1 extra image")
+    (account,) = {a for (a, _) in engine.operator.grants}
+    assert engine.operator.granted(account, engine.quotas.today()) == 6
+    assert len(await rows(rig.harness, "SELECT * FROM audit WHERE action = 'grant'")) == 2
+    assert [c for c in tg.sent("sendMessage") if "gets 5" in (c.text or "")][1:] == []
+    assert not [c for c in tg.sent("sendMessage") if "link code" in (c.text or "").lower()
+                and "wrong" in (c.text or "").lower()]  # fmt: skip
