@@ -32,7 +32,7 @@ from adapters.discord_parts import (
     token_gone,
 )
 from adapters.status_board import StatusBoard
-from bot.adapter import StatusKind, StatusUpdate
+from bot.adapter import StatusKind, StatusUpdate, ended_without_result
 from bot.commands import shorten
 from bot.engine import Engine
 from bot.errors import DeliveryError
@@ -165,7 +165,7 @@ class DiscordOutbox:
         buttons = None
         if kind in (StatusKind.QUEUED, StatusKind.STARTED, StatusKind.PROGRESS):
             buttons = "cancel"
-        elif kind in (StatusKind.FAILED, StatusKind.REFUSED, StatusKind.TIMEOUT):
+        elif ended_without_result(job, update):
             buttons = "reroll"
         status = _Status(job, update.text, buttons, final=kind.final)
         self._board.push(job.id, status, final=status.final)

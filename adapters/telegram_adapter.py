@@ -38,13 +38,13 @@ from telegram.ext import (
 
 from adapters.telegram_budget import PaidLane, SendBudget
 from adapters.telegram_buttons import ButtonPresses, cancel_button
-from adapters.telegram_delivery import Delivery
+from adapters.telegram_delivery import Delivery, reroll_button
 from adapters.telegram_http import AiohttpRequest
 from adapters.telegram_input import AskKind, fetch_reference, read_message
 from adapters.telegram_intake import INTAKE_WAIT, GatedPollRequest, IntakeGate
 from adapters.telegram_send import Buttons, Sender, place_of
 from adapters.telegram_status import ChatStatus
-from bot.adapter import StatusKind, StatusUpdate
+from bot.adapter import StatusKind, StatusUpdate, ended_without_result
 from bot.chat import Chat
 from bot.commands import escape_html, parse_prompt
 from bot.engine import Engine
@@ -265,11 +265,17 @@ class TelegramAdapter:
             self.board.typing(job.id, place)
         else:
             self.board.stop_typing(job.id)
+        if active:
+            buttons = self._cancel_button(job.id, job.lang)
+        elif ended_without_result(job, update):
+            buttons = reroll_button(job.id, job.lang)  # try again without typing it all again
+        else:
+            buttons = ()
         self.board.show(
             job.id,
             place,
             update.text,
-            self._cancel_button(job.id, job.lang) if active else (),
+            buttons,
             droppable=update.kind in (StatusKind.STARTED, StatusKind.PROGRESS),
             final=update.kind.final,
             message_id=job_message_id(job),

@@ -61,11 +61,13 @@ def caption_for(job: Job) -> str:
     return escape_html(text)
 
 
+def reroll_button(job_id: str, lang: str) -> Buttons:
+    """🔄 under a result, or under a job that ended without one (a new try, a new seed)."""
+    return ((t(lang, "button.reroll"), f"rr:{job_id}"),)
+
+
 def result_buttons(job: Job) -> Buttons:
-    return (
-        (t(job.lang, "button.reroll"), f"rr:{job.id}"),
-        (t(job.lang, "button.original"), f"of:{job.id}"),
-    )
+    return (*reroll_button(job.id, job.lang), (t(job.lang, "button.original"), f"of:{job.id}"))
 
 
 def filename(image: StoredImage) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from bot.jobs import Job, StoredImage, Target
+from bot.jobs import Job, JobStatus, StoredImage, Target
 
 
 class StatusKind(StrEnum):
@@ -39,6 +39,15 @@ class StatusUpdate:
     text: str
     position: int | None = None
     percent: int | None = None
+
+
+def ended_without_result(job: Job, update: StatusUpdate) -> bool:
+    """A job that failed, was refused or timed out (not cancelled, and not a result the
+    platform would not take): what a "try again" button belongs under."""
+    return (
+        update.kind in (StatusKind.FAILED, StatusKind.REFUSED, StatusKind.TIMEOUT)
+        and job.status is not JobStatus.SUCCEEDED
+    )
 
 
 class Adapter(Protocol):

@@ -262,10 +262,15 @@ async def test_a_failed_job_says_why_and_that_it_was_not_charged(
     await rig.start()
     tg.message("something forbidden --model paid")
     edit = await tg.wait_text("refused")
-    assert "not charged" in (edit.text or "") and edit.buttons() == []
-    ((_, status, cost, *_),) = await jobs(rig.harness)
+    ((job_id, status, cost, *_),) = await jobs(rig.harness)
     assert (status, cost) == ("refused", 0)
     assert not tg.sent("sendPhoto")
+    # As on Discord, an end without a result offers a new try (a new seed) with one press.
+    assert "not charged" in (edit.text or "") and edit.buttons() == [("🔄 Reroll", f"rr:{job_id}")]
+    query = tg.callback(f"rr:{job_id}", edit.result)
+    await tg.wait_for("sendPhoto")
+    await until(lambda: query in tg.callback_answers)
+    assert "Rerolling as job" in tg.callback_answers[query]["text"]
 
 
 # ---- groups, topics, languages -----------------------------------------------------------

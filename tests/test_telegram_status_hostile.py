@@ -472,6 +472,7 @@ async def test_a_send_photo_that_always_times_out_ends_with_the_show_hint(
     job_id = button(ack, "cx:")
     told = await tg.wait_text("could not post the picture", within=10)
     assert f"/show {job_id}" in (told.text or "")
+    assert told.buttons() == []  # it succeeded (and was charged): no "try again" to pay twice
     await rig.idle()
     await quiet(tg, 0.5)
     row = await job_row(rig)
