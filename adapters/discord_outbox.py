@@ -135,7 +135,7 @@ class DiscordOutbox:
         self._board.push(job_id, self._queued_status(job, position))
 
     def _queued_status(self, job: Job, position: int) -> _Status:
-        text = queued_text(job.lang, job.id, position, job.model, job.n_images)
+        text = queued_text(job.lang, job.id, position, job.model, job.n_images, job.reserved_usd)
         return _Status(job, text, "cancel")
 
     async def _remember(self, job_id: str, ref: str) -> None:

@@ -97,7 +97,9 @@ class ButtonPresses:
         )
         ticket = await self.adapter.engine.reroll(user, job.id, target)
         await _answer(query, t(lang, "button.rerolled", job=ticket.job_id))
-        text = queued_text(lang, ticket.job_id, ticket.position, ticket.model, ticket.n_images)
+        text = queued_text(
+            lang, ticket.job_id, ticket.position, ticket.model, ticket.n_images, ticket.reserved_usd
+        )
         self.adapter.board.show(
             ticket.job_id, place, text, cancel_button(ticket.job_id, lang), initial=True
         )

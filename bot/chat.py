@@ -126,7 +126,9 @@ class Chat:
             return Reply(render_error(lang, exc), error=True)
         if ticket.cached_from is not None:
             return Reply(t(lang, "status.cached", job=ticket.job_id), ticket=ticket)
-        text = queued_text(lang, ticket.job_id, ticket.position, ticket.model, ticket.n_images)
+        text = queued_text(
+            lang, ticket.job_id, ticket.position, ticket.model, ticket.n_images, ticket.reserved_usd
+        )
         return Reply(text, ticket=ticket)
 
     async def usage_text(self, user: UserRef, lang: str) -> str:

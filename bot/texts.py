@@ -19,6 +19,7 @@ LANGS = ("en", "zh")
 EN: dict[str, str] = {
     # ---- job status ----
     "status.queued": "🕒 Queued #{position} · {model} ×{n} · job {job}",
+    "status.queued_priced": "🕒 Queued #{position} · {model} ×{n} · {price} · job {job}",
     "status.started": "🎨 Generating with {model}… · job {job}",
     "status.progress": "🎨 Generating… {percent}% · job {job}",
     "status.cancelled": "✖ Cancelled · job {job} · not charged",
@@ -199,6 +200,7 @@ EN: dict[str, str] = {
 
 ZH: dict[str, str] = {
     "status.queued": "🕒 排队第 {position} 位 · {model} ×{n} · 任务 {job}",
+    "status.queued_priced": "🕒 排队第 {position} 位 · {model} ×{n} · {price} · 任务 {job}",
     "status.started": "🎨 正在用 {model} 生成… · 任务 {job}",
     "status.progress": "🎨 生成中… {percent}% · 任务 {job}",
     "status.cancelled": "✖ 已取消 · 任务 {job} · 未扣费",
@@ -388,8 +390,14 @@ def t(lang: str, key: str, /, **params: Any) -> str:
         return template
 
 
-def queued_text(lang: str, job_id: str, position: int, model: str, n: int) -> str:
-    """A job's "queued" status line, the same on every platform."""
+def queued_text(lang: str, job_id: str, position: int, model: str, n: int, usd: float = 0.0) -> str:
+    """A job's "queued" status line, the same on every platform, with what it will cost
+    (charged only if it succeeds) when the model has a price."""
+    if usd > 0:
+        return t(
+            lang, "status.queued_priced", job=job_id, position=position, model=model, n=n,
+            price=money(usd),
+        )  # fmt: skip
     return t(lang, "status.queued", job=job_id, position=position, model=model, n=n)
 
 

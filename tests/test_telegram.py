@@ -175,7 +175,7 @@ async def test_private_text_is_a_prompt_and_the_photo_replies_to_it(
     assert photo.text == f"a fox in the snow\npaid · seed 7 · job {job_id}"
     assert button(photo, "of:") == job_id
     (status,) = [c for c in tg.calls if is_status(c)]
-    assert status.text == f"🕒 Queued #1 · paid ×1 · job {job_id}"
+    assert status.text == f"🕒 Queued #1 · paid ×1 · $0.50 · job {job_id}"  # charged if it works
     assert status.params["reply_parameters"]["message_id"] == msg["message_id"]
     # once the result is out, the status message says so (and loses its cancel button)
     (done,) = await tg.wait_for(lambda c: c.method == "editMessageText")

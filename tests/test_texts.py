@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bot.errors import ErrorKind, QuotaExceeded, UserError
-from bot.texts import EN, ZH, pick_lang, render_error, t
+from bot.texts import EN, ZH, pick_lang, queued_text, render_error, t
 
 ROOT = Path(__file__).parent.parent
 
@@ -61,3 +61,11 @@ def test_rendering_is_safe() -> None:
     text = render_error("zh", QuotaExceeded("error.quota_images", used=20, limit=20))
     assert "20" in text and text == ZH["error.quota_images"].format(used=20, limit=20)
     assert render_error("en", UserError()) == EN["error.generic"]
+
+
+def test_the_queued_line_shows_the_price_of_a_paid_model_only() -> None:
+    assert queued_text("en", "j1", 2, "demo", 1) == "🕒 Queued #2 · demo ×1 · job j1"
+    assert queued_text("en", "j1", 1, "nano-banana", 5, 0.055) == (
+        "🕒 Queued #1 · nano-banana ×5 · $0.055 · job j1"
+    )
+    assert "$0.08" in queued_text("zh", "j1", 1, "nano-banana", 2, 0.08)
