@@ -176,6 +176,7 @@ class DiscordOutbox:
         ref = self._status_refs.get(job_id) or job.status_message_id
         view = button_view(status.buttons, job.id, job.lang)
         meta = InteractionMeta.load(job.target.meta)
+        posting = False
         try:
             if meta is not None and self._token_alive(job_id, meta):
                 try:
@@ -191,11 +192,12 @@ class DiscordOutbox:
             if ref is None or (status.final and not status.quiet):
                 # No message of ours to edit (Discord refused the ack, or the token died):
                 # the channel hears it, with a mention. Progress on a dead token just waits.
+                posting = True
                 await self._post_status(job, status.text, view)
         except discord.HTTPException as exc:
             self._log_http("status of job " + job_id, job.target.chat_id, exc)
-            if status.final and not status.quiet and not_permitted(exc):
-                await self._tell_by_dm(job, status.text)
+            if status.final and not status.quiet:
+                await self._tell_anyway(job, status.text, view, exc, edited=not posting)
         finally:
             if status.final:
                 self._forget(job_id)
@@ -214,6 +216,28 @@ class DiscordOutbox:
                 raise
             return False
         return True
+
+    async def _tell_anyway(
+        self,
+        job: Job,
+        text: str,
+        view: discord.ui.View | None,
+        exc: discord.HTTPException,
+        *,
+        edited: bool,
+    ) -> None:
+        """A job's outcome whose message failed: an edit that failed (the status message was
+        deleted, 10008, or will take no more edits, 30046) is posted anew in the channel; a
+        channel that refuses us is told by DM."""
+        if edited and not not_permitted(exc):
+            try:
+                await self._post_status(job, text, view)
+                return
+            except discord.HTTPException as again:
+                self._log_http("outcome of job " + job.id, job.target.chat_id, again)
+                exc = again
+        if not_permitted(exc):
+            await self._tell_by_dm(job, text)
 
     async def _tell_by_dm(self, job: Job, text: str) -> None:
         """The channel refused us (50013): the user hears the outcome in their DMs, if they may."""

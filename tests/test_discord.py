@@ -613,6 +613,37 @@ async def test_a_token_discord_expired_falls_back_to_the_channel(
         await close_bot(b)
 
 
+@pytest.mark.parametrize("acked", [True, False], ids=["interaction reply", "channel message"])
+async def test_a_deleted_status_message_does_not_silence_the_outcome(
+    harness: Harness, fake: FakeDiscord, acked: bool
+) -> None:
+    """Someone deletes the job's status message (the user dismisses the reply, a moderator
+    tidies the channel) while it runs: the failure is posted anew in the channel (its edit
+    answered 10008 Unknown Message and the outcome was dropped)."""
+    harness.provider.gate = asyncio.Event()
+    harness.provider.errors["doomed"] = [Refused("no")]
+    b = await open_bot(harness, fake)
+    try:
+        inter = await fake.slash("imagine", {"prompt": "doomed"}, deadline=3.0 if acked else 0.0)
+        if acked:
+            await fake.wait_for(lambda: "Generating" in content(fake, inter))
+            assert inter.original_id is not None
+            fake.messages.pop(inter.original_id)
+        else:
+            (status_id,) = await fake.wait_for(
+                lambda: [k for k, m in fake.messages.items() if "Generating" in m["content"]]
+            )
+            fake.messages.pop(status_id)
+        harness.provider.gate.set()
+        told = await fake.wait_for(
+            lambda: [c for c in fake.channel_posts() if "not charged" in c.payload["content"]]
+        )
+        assert told[0].payload["content"].startswith(f"<@{USER['id']}> ")
+        assert "🔄" in str(told[0].payload.get("components"))  # a new try is one press away
+    finally:
+        await close_bot(b)
+
+
 async def test_missing_permissions_50013_is_logged_and_the_user_gets_a_dm(
     harness: Harness, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
 ) -> None:
