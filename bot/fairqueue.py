@@ -12,8 +12,9 @@ from bot.jobs import Job
 class FairQueue:
     """Users take turns, so one user's batch of ten never starves another's single job.
 
-    Pop order: the user at the head of the rotation gives up their oldest job and moves to the
-    back; a user who arrives later joins the back of the rotation. The durable copy of the queue
+    Pop order: the first user in the rotation whose oldest job can start gives it up and moves
+    to the back; users passed over keep their places; a user who arrives later joins the back
+    of the rotation. The durable copy of the queue
     is the `jobs` table; this is rebuilt from it on start.
 
     Positions in O(log users): a job at depth d in its user's line starts after every job at a
@@ -66,23 +67,29 @@ class FairQueue:
         self._join(key, len(jobs) - 1, len(jobs))
 
     def pop(self, ready: Callable[[Job], bool] | None = None) -> Job | None:
-        """The next job in turn whose `ready(job)` holds (say, its provider has a free slot)."""
-        for _ in range(len(self._rotation)):
-            key = self._rotation[0]
+        """The next job in turn whose `ready(job)` holds (say, its provider has a free slot).
+
+        A user passed over (their next job waits for a busy provider) keeps their place: they
+        go first once it is free, rather than to the back behind the batch of a user whose
+        provider had room.
+        """
+        for i, key in enumerate(self._rotation):
             jobs = self._by_user[key]
+            if ready is not None and not ready(jobs[0]):
+                continue
             n = len(jobs)
-            if ready is None or ready(jobs[0]):
-                job = jobs.popleft()
-                del self._owner[job.id]
-                self._to_back(key, n, n - 1)
-                if jobs:
-                    self._rotation.rotate(-1)
-                else:
-                    self._rotation.popleft()
-                    del self._by_user[key]
-                return job
-            self._to_back(key, n, n)
-            self._rotation.rotate(-1)
+            job = jobs.popleft()
+            del self._owner[job.id]
+            self._to_back(key, n, n - 1)
+            if i == 0:
+                self._rotation.popleft()
+            else:
+                del self._rotation[i]
+            if jobs:
+                self._rotation.append(key)
+            else:
+                del self._by_user[key]
+            return job
         return None
 
     def remove(self, job_id: str) -> Job | None:

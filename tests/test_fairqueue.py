@@ -61,8 +61,9 @@ def test_positions_and_order_match_the_reference(seed: int) -> None:
 class ReferenceQueue:
     """The first FairQueue: positions by a loop over every user. The spec the index must meet.
 
-    Pop order: the user at the head of the rotation gives up their oldest job and moves to the
-    back; a user who arrives later joins the back of the rotation. The durable copy of the queue
+    Pop order: the first user in the rotation whose oldest job can start gives it up and moves
+    to the back; users passed over keep their places; a user who arrives later joins the back
+    of the rotation. The durable copy of the queue
     is the `jobs` table; this is rebuilt from it on start.
     """
 
@@ -99,19 +100,17 @@ class ReferenceQueue:
 
     def pop(self, ready: Callable[[Job], bool] | None = None) -> Job | None:
         """The next job in turn whose `ready(job)` holds (say, its provider has a free slot)."""
-        for _ in range(len(self._rotation)):
-            key = self._rotation[0]
+        for key in list(self._rotation):
             jobs = self._by_user[key]
             if ready is None or ready(jobs[0]):
                 job = jobs.popleft()
                 del self._owner[job.id]
+                self._rotation.remove(key)  # passed-over users keep their places
                 if jobs:
-                    self._rotation.rotate(-1)
+                    self._rotation.append(key)
                 else:
-                    self._rotation.popleft()
                     del self._by_user[key]
                 return job
-            self._rotation.rotate(-1)
         return None
 
     def remove(self, job_id: str) -> Job | None:
