@@ -79,13 +79,16 @@ class OperatorControls(Scheduler):
         ops.append(("DELETE FROM link_codes WHERE code = ?", (code.strip(),)))
         if source is not None:
             ops += command_ops(joiner, source, now)
+        # Jobs still queued or running settle (or are refunded) against the account now, in
+        # memory and in their rows.
+        moved = [job for job in self._jobs.values() if job.quota_key == old]
+        ops += [("UPDATE jobs SET account = ? WHERE id = ?", (account, job.id)) for job in moved]
         await self.store.write(*ops)
         for day in (self.quotas.today(), self.quotas.day_of(now - 86400)):
             self.quotas.merge(day, old, account)
-        # Jobs still queued or running settle (or are refunded) against the account now.
-        for job_id, job in list(self._jobs.items()):
-            if job.quota_key == old:
-                self._jobs[job_id] = replace(job, account=account)
+        for job in moved:
+            if job.id in self._jobs:
+                self._jobs[job.id] = replace(self._jobs[job.id], account=account)
         log.info("linked %s into account %s", joiner, account)
         return account
 

@@ -27,8 +27,13 @@ class Scheduler(JobRunner):
         """
         resumed = 0
         ops = []
+        if resume:
+            self.operator = await self.store.load_operator(self.operator.blocklist)
         unfinished = await self.store.unfinished_jobs() if resume else []
         for job in unfinished:
+            # Held against the account its user belongs to now, as `day_totals` counts it (a
+            # /link since it was queued moved it there).
+            job = replace(job, account=self.operator.account_of(str(job.user)))
             spec = self.catalog.get(job.model)
             if spec is None or not self.router.available(spec):
                 # Counted, so that _finish's release balances; the model is gone from this config.
@@ -48,7 +53,6 @@ class Scheduler(JobRunner):
             await self.store.write(*ops)
         day = self.quotas.today()
         if resume:
-            self.operator = await self.store.load_operator(self.operator.blocklist)
             self._alerted.update((key, day) for key in await self.store.alerts_sent(day))
         self.quotas.load(day, await self.store.day_totals(day))
         self.quotas.load_scopes(day, await self.store.scope_totals(day))
