@@ -92,6 +92,7 @@ class Engine(OperatorControls):
         # Jobs that gave their slot up to fetch a result and must generate again (a retry).
         self._slot_waiters: deque[SlotWaiter] = deque()
         self._generating: set[str] = set()  # running jobs still in the (cancellable) generate stage
+        self._inserting: dict[str, asyncio.Future[None]] = {}
         self._cancelled: set[str] = set()
         self._ending: set[str] = set()
         self._link_tries: dict[str, list[float]] = {}
@@ -181,6 +182,9 @@ class Engine(OperatorControls):
             cache_key=cache_key,
         )
         self._hold(job)
+        # A /cancel that comes while the row is written (the same poll can carry both) waits
+        # for it, then cancels a queued job.
+        written = self._inserting[job.id] = asyncio.get_running_loop().create_future()
         try:
             if request.reference_images:
                 paths = await self.store.save_reference_images(job.id, request.reference_images)
@@ -197,6 +201,9 @@ class Engine(OperatorControls):
                 log.error("cannot store a new job: %s", exc)
                 raise StorageUnavailable() from exc
             raise
+        finally:
+            del self._inserting[job.id]
+            written.set_result(None)  # (callbacks run later: the push below comes first)
         self._queue.push(job)
         self._wake()
         position = self._queue.position(job.id) or 1
@@ -214,6 +221,11 @@ class Engine(OperatorControls):
             if ended is not None and str(ended.user) == str(user):
                 raise JobEnded(job=ended.id) from None
             raise
+        if (written := self._inserting.get(job.id)) is not None:
+            await asyncio.wait([written])  # its row is being written: then it is queued
+            if job.id not in self._jobs:
+                raise JobNotFound(job=job.id)  # the write failed: there is no job
+            job = self._jobs[job.id]
         if job.id in self._queue:
             if not self._claim_end(job.id):
                 raise JobNotFound(job=job.id)
@@ -227,9 +239,13 @@ class Engine(OperatorControls):
             await asyncio.gather(task, return_exceptions=True)
         else:
             raise UserError("error.job_finishing", job=job.id)
-        return await self._finish(
-            job, JobStatus.CANCELLED, ErrorKind.CANCELLED, "cancelled by user", claimed=True
-        )
+        try:
+            return await self._end_waiting(
+                job, JobStatus.CANCELLED, ErrorKind.CANCELLED, "cancelled by user"
+            )
+        except (sqlite3.Error, OSError) as exc:  # not cancelled: it waits in line again
+            log.error("cannot record a cancel: %s", exc)
+            raise StorageUnavailable() from exc
 
     async def reroll(self, user: UserRef, job_id: str, target: Target | None = None) -> Ticket:
         """Submit the same prompt and options again (a new seed unless one was fixed)."""

@@ -50,6 +50,7 @@ class EngineBase:
     _running_by_provider: dict[str, int]
     _slot_waiters: deque[SlotWaiter]
     _generating: set[str]  # running jobs still in the (cancellable) generate stage
+    _inserting: dict[str, asyncio.Future[None]]  # submitted jobs whose row is being written
     _cancelled: set[str]
     _ending: set[str]  # jobs whose end (`_finish`) one caller has claimed
     _link_tries: dict[str, list[float]]  # user → when they tried a wrong link code

@@ -177,6 +177,27 @@ class Scheduler(JobRunner):
                         log.info("deleted %d images older than %g days", removed, days)
             cutoff = self.clock() - self.config.queue_timeout
             for job in [j for j in self._queue if j.created_at < cutoff and j.task_id is None]:
+                if not self._claim_end(job.id):
+                    continue  # cancelled while an earlier one was being ended
                 if self._queue.remove(job.id) is None:
-                    continue  # started or cancelled while an earlier one was being ended
-                await self._finish(job, JobStatus.FAILED, ErrorKind.TIMEOUT, "queue timeout")
+                    self._ending.discard(job.id)  # started meanwhile
+                    continue
+                try:
+                    await self._end_waiting(
+                        job, JobStatus.FAILED, ErrorKind.TIMEOUT, "queue timeout"
+                    )
+                except Exception:  # the database refused it: the next sweep tries again
+                    log.warning("job=%s: queue timeout not recorded", job.id, exc_info=True)
+
+    async def _end_waiting(self, job: Job, status: JobStatus, kind: ErrorKind, error: str) -> Job:
+        """End a claimed job that is out of the queue and not running (a cancel, a queue
+        timeout). If the database refuses the end, the job goes back to the front of its
+        user's line, as it was, and the error is raised: it is not left held by nothing."""
+        try:
+            return await self._finish(job, status, kind, error, claimed=True)
+        except BaseException:
+            live = self._jobs.get(job.id)
+            if live is not None and job.id not in self._queue and job.id not in self._running:
+                self._queue.push(live, front=True)
+                self._wake()
+            raise
