@@ -29,6 +29,7 @@ from adapters.discord_parts import (
     ALREADY_ACKNOWLEDGED,
     CancelButton,
     DrawbridgeClient,
+    DrawbridgeTree,
     Given,
     Inter,
     InteractionMeta,
@@ -109,7 +110,7 @@ class DiscordAdapter:
             allowed_mentions=discord.AllowedMentions.none(),
             guild_ready_timeout=self.guild_ready_timeout,
         )
-        tree: app_commands.CommandTree[DrawbridgeClient] = app_commands.CommandTree(client)
+        tree: app_commands.CommandTree[DrawbridgeClient] = DrawbridgeTree(client)
         tree.error(self._on_tree_error)
         await tree.set_translator(TextsTranslator())
         add_commands(tree, self)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -114,12 +115,28 @@ class ButtonHandler(Protocol):
     async def on_unknown_button(self, interaction: Inter) -> None: ...
 
 
+SEEN_INTERACTIONS = 4096  # interaction ids remembered, to drop an event delivered twice
+
+
 class DrawbridgeClient(discord.Client):
     """A `discord.Client` that knows its adapter, so persistent buttons can reach it."""
 
     def __init__(self, handler: ButtonHandler, **options: Any) -> None:
         super().__init__(**options)
         self.handler = handler
+        self._seen: OrderedDict[int, None] = OrderedDict()
+
+    def first_time(self, interaction: Inter) -> bool:
+        """False for an interaction this process has had before: the gateway can deliver an
+        event again (a replay around a reconnect), and acting on it twice would run a second
+        job, and bill it, for one command or one press. (Its second ack would only get 40060.)
+        """
+        if interaction.id in self._seen:
+            return False
+        self._seen[interaction.id] = None
+        if len(self._seen) > SEEN_INTERACTIONS:
+            self._seen.popitem(last=False)
+        return True
 
     async def on_interaction(self, interaction: Inter) -> None:
         """A button none of ours matches (one another version of the bot posted, say) is still
@@ -128,15 +145,34 @@ class DrawbridgeClient(discord.Client):
             return
         data: dict[str, Any] = dict(interaction.data or {})
         custom_id = str(data.get("custom_id", ""))
-        if not any(p.fullmatch(custom_id) for p in (REROLL_ID, CANCEL_ID)):
+        ours = any(p.fullmatch(custom_id) for p in (REROLL_ID, CANCEL_ID))
+        if not ours and self.first_time(interaction):
             await self.handler.on_unknown_button(interaction)
 
 
-def _handler(interaction: Inter) -> ButtonHandler:
+def _client(interaction: Inter) -> DrawbridgeClient:
     client = interaction.client
     if not isinstance(client, DrawbridgeClient):
         raise TypeError("drawbridge buttons need a DrawbridgeClient")
-    return client.handler
+    return client
+
+
+def _handler(interaction: Inter) -> ButtonHandler:
+    return _client(interaction).handler
+
+
+class DrawbridgeTree(app_commands.CommandTree[DrawbridgeClient]):
+    """The slash commands, each interaction acted on once (`DrawbridgeClient.first_time`)."""
+
+    async def interaction_check(self, interaction: discord.Interaction[DrawbridgeClient]) -> bool:
+        return self.client.first_time(interaction)
+
+
+class _Once:
+    """For a persistent button: its press is acted on once (`DrawbridgeClient.first_time`)."""
+
+    async def interaction_check(self, interaction: Inter, /) -> bool:
+        return _client(interaction).first_time(interaction)
 
 
 JOB_ID = r"(?P<job>[a-z0-9]{1,32})"
@@ -145,6 +181,7 @@ CANCEL_ID = re.compile(rf"drawbridge:cancel:{JOB_ID}")
 
 
 class RerollButton(
+    _Once,
     discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
     template=REROLL_ID,
 ):
@@ -172,6 +209,7 @@ class RerollButton(
 
 
 class CancelButton(
+    _Once,
     discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
     template=CANCEL_ID,
 ):
