@@ -111,6 +111,7 @@ class DiscordOutbox:
         self._live: dict[str, Inter] = {}  # job id → the interaction that asked, this process
         self._status_refs: dict[str, str] = {}  # job id → "w:<id>" or "c:<id>"
         self._dead: set[str] = set()  # jobs whose interaction token Discord refused
+        self._edited: set[str] = set()  # live jobs whose deferred response has been edited
         self._queued: dict[str, int] = {}  # job id → the queue position last shown
         self._reposts: dict[str, Repost] = {}  # interaction id → a /show under way
 
@@ -261,6 +262,7 @@ class DiscordOutbox:
         interaction = self._live.get(job_id)
         if interaction is not None:
             message = await interaction.edit_original_response(content=content, view=view)
+            self._edited.add(job_id)
             if ref is None:
                 await self._remember(job_id, f"w:{message.id}")
             return True
@@ -279,6 +281,7 @@ class DiscordOutbox:
 
     def _forget(self, job_id: str) -> None:
         self._live.pop(job_id, None)
+        self._edited.discard(job_id)
         self._status_refs.pop(job_id, None)
         self._dead.discard(job_id)
         self._queued.pop(job_id, None)
@@ -310,6 +313,7 @@ class DiscordOutbox:
         if meta is not None and self._token_alive(job.id, meta):
             uploads = await self._uploads(job, images, limit)
             webhook = self._webhook(meta)
+            await self._settle_response(job)
             try:
                 for message in self._messages(job, uploads, limit):
                     sent = await webhook.send(
@@ -336,6 +340,22 @@ class DiscordOutbox:
         text = t(job.lang, "status.delivered", job=job.id)
         self._board.push(job.id, _Status(job, text, None, final=True, quiet=quiet), final=True)
         return ",".join(posted)
+
+    async def _settle_response(self, job: Job) -> None:
+        """A job done before its status reached the deferred response ("thinking…", the first
+        edit waits a moment): edit that response first, since Discord turns the first followup
+        after a defer into the response itself, and the "done" edit would then overwrite the
+        result's caption and its 🔄 button."""
+        interaction = self._live.get(job.id)
+        if interaction is None or job.id in self._edited:
+            return
+        try:
+            await interaction.edit_original_response(
+                content=t(job.lang, "status.started", model=job.model, job=job.id)
+            )
+            self._edited.add(job.id)
+        except discord.HTTPException as exc:
+            log.info("discord: job=%s response not settled before its result (%s)", job.id, exc)
 
     async def _repost(
         self, job: Job, images: Sequence[StoredImage], meta: InteractionMeta, repost: Repost
