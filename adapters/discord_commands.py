@@ -3,6 +3,8 @@ operator's (admin) commands, whose logic lives in `bot.chat.Chat.admin`."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
     from adapters.discord_adapter import DiscordAdapter
 
 MAX_CHOICES = 25  # Discord's cap on choices and autocomplete results
+AUTOCOMPLETE_WITHIN = 2.0  # seconds: an autocomplete answered after 3 s is dropped
+
+log = logging.getLogger("drawbridge.discord")
 
 
 def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: DiscordAdapter) -> None:
@@ -267,10 +272,12 @@ def sizes_matching(engine: Engine, model: object, current: str) -> list[app_comm
 async def active_jobs_matching(
     engine: Engine, user: UserRef, current: str
 ) -> list[app_commands.Choice[str]]:
+    """The user's queued and running jobs, from memory: an autocomplete cannot be deferred,
+    and Discord drops an answer after 3 s."""
     needle = current.strip().lower()
     choices = []
-    for job in await engine.jobs(user, MAX_CHOICES):
-        if job.status.active and needle in job.id:
+    for job in engine.active_jobs(user)[:MAX_CHOICES]:
+        if needle in job.id:
             label = f"{job.id} · {job.status.value} · {shorten(job.prompt, 60)}"
             choices.append(app_commands.Choice(name=label[:100], value=job.id))
     return choices
@@ -279,10 +286,18 @@ async def active_jobs_matching(
 async def finished_jobs_matching(
     engine: Engine, user: UserRef, current: str
 ) -> list[app_commands.Choice[str]]:
-    """The user's recent jobs that have images to show again."""
+    """The user's recent jobs that have images to show again; none if the database does not
+    answer in time (an autocomplete cannot be deferred: Discord drops it after 3 s, and the
+    user can still type the id)."""
     needle = current.strip().lstrip("#").lower()
     choices = []
-    for job in await engine.jobs(user, MAX_CHOICES):
+    try:
+        async with asyncio.timeout(AUTOCOMPLETE_WITHIN):
+            recent = await engine.jobs(user, MAX_CHOICES)
+    except TimeoutError:
+        log.warning("discord: /show's job list took over %g s; offered none", AUTOCOMPLETE_WITHIN)
+        return []
+    for job in recent:
         if job.status is JobStatus.SUCCEEDED and needle in job.id:
             label = f"{job.id} · {job.model} · {shorten(job.prompt, 60)}"
             choices.append(app_commands.Choice(name=label[:100], value=job.id))

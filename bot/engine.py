@@ -285,6 +285,12 @@ class Engine(OperatorControls):
         """A user's latest jobs; live ones as the engine holds them (their row may lag a bit)."""
         return [self._jobs.get(job.id, job) for job in await self.store.recent_jobs(user, limit)]
 
+    def active_jobs(self, user: UserRef) -> list[Job]:
+        """A user's queued and running jobs, newest first, from memory (no database read)."""
+        key = str(user)
+        mine = [job for job in self._jobs.values() if str(job.user) == key]
+        return sorted(mine, key=lambda job: job.created_at, reverse=True)
+
     def position(self, job_id: str) -> int:
         return self._queue.position(job_id)
 
@@ -306,14 +312,12 @@ class Engine(OperatorControls):
         return len(self._running)
 
     def _find_active(self, user: UserRef, job_id: str | None) -> Job:
-        key = str(user)
-        admin = key in self.config.admin_ids
         if job_id is None:
-            mine = [j for j in self._jobs.values() if str(j.user) == key]
+            mine = self.active_jobs(user)
             if not mine:
                 raise JobNotFound("error.no_active_job")
-            return max(mine, key=lambda j: j.created_at)
+            return mine[0]
         job = self._jobs.get(job_id.lower())
-        if job is None or (str(job.user) != key and not admin):
+        if job is None or (str(job.user) != str(user) and not self.is_admin(user)):
             raise JobNotFound(job=job_id)
         return job
