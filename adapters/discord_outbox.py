@@ -26,10 +26,12 @@ from adapters.discord_parts import (
     Upload,
     batches,
     button_view,
+    channel_gone,
     fit_all,
     human_bytes,
     not_permitted,
     token_gone,
+    unreachable,
 )
 from adapters.status_board import StatusBoard
 from bot.adapter import StatusKind, StatusUpdate, ended_without_result
@@ -230,21 +232,23 @@ class DiscordOutbox:
         """A job's outcome whose message failed: an edit that failed (the status message was
         deleted, 10008, or will take no more edits, 30046) is posted anew in the channel; a
         channel that refuses us is told by DM."""
-        if edited and not not_permitted(exc):
+        if edited and not unreachable(exc):
             try:
                 await self._post_status(job, text, view)
                 return
             except discord.HTTPException as again:
                 self._log_http("outcome of job " + job.id, job.target.chat_id, again)
                 exc = again
-        if not_permitted(exc):
-            await self._tell_by_dm(job, text)
+        if unreachable(exc):
+            await self._tell_by_dm(job, text, gone=channel_gone(exc))
 
-    async def _tell_by_dm(self, job: Job, text: str) -> None:
-        """The channel refused us (50013): the user hears the outcome in their DMs, if they may."""
+    async def _tell_by_dm(self, job: Job, text: str, *, gone: bool = False) -> None:
+        """The channel refused us (50013) or is gone (10003): the user hears the outcome in
+        their DMs, if they may."""
         try:
             dm = await self._require().create_dm(discord.Object(int(job.user.user_id)))
-            note = t(job.lang, "discord.no_permission", channel=job.target.chat_id)
+            key = "discord.channel_gone" if gone else "discord.no_permission"
+            note = t(job.lang, key, channel=job.target.chat_id)
             await dm.send(f"{text}\n{note}")
         except discord.HTTPException as exc:
             log.warning("discord: job=%s outcome not shown anywhere (%s)", job.id, exc.code)
@@ -310,6 +314,7 @@ class DiscordOutbox:
             return await self._repost(job, images, meta, repost)
         limit = meta.size_limit if meta is not None else DEFAULT_FILE_LIMIT
         posted: list[str] = []
+        quiet = False
         if meta is not None and self._token_alive(job.id, meta):
             uploads = await self._uploads(job, images, limit)
             webhook = self._webhook(meta)
@@ -324,13 +329,19 @@ class DiscordOutbox:
                     )
                     posted.append(str(sent.id))
             except discord.HTTPException as exc:
-                if not token_gone(exc) or posted:
+                if posted or not (token_gone(exc) or channel_gone(exc)):
                     raise _delivery_error(exc) from None
-                log.info(
-                    "discord: job=%s token gone (%s): posting to the channel", job.id, exc.code
-                )
                 self._dead.add(job.id)
-        quiet = False
+                if channel_gone(exc):  # deleted while the job ran: the user's DMs get it
+                    self._log_http("result of job " + job.id, job.target.chat_id, exc)
+                    limit = min(limit, DEFAULT_FILE_LIMIT)
+                    uploads = await self._uploads(job, images, limit)
+                    posted = await self._post_to_dm(job, uploads, limit, gone=True)
+                    quiet = True  # the DM is the news: no "done" to a channel that is gone
+                else:
+                    log.info(
+                        "discord: job=%s token gone (%s): posting to the channel", job.id, exc.code
+                    )
         if not posted:
             # A channel upload is held to the default limit whatever the interaction allowed.
             limit = min(limit, DEFAULT_FILE_LIMIT)
@@ -437,14 +448,17 @@ class DiscordOutbox:
                 posted.append(str(sent.id))
             return posted
         except discord.HTTPException as exc:
-            if not not_permitted(exc) or posted:
+            if not unreachable(exc) or posted:
                 raise _delivery_error(exc) from None
             self._log_http("result of job " + job.id, job.target.chat_id, exc)
-        return await self._post_to_dm(job, uploads, limit)
+            return await self._post_to_dm(job, uploads, limit, gone=channel_gone(exc))
 
-    async def _post_to_dm(self, job: Job, uploads: list[Upload], limit: int) -> list[str]:
+    async def _post_to_dm(
+        self, job: Job, uploads: list[Upload], limit: int, *, gone: bool = False
+    ) -> list[str]:
         client = self._require()
-        note = t(job.lang, "discord.moved_to_dm", channel=job.target.chat_id)
+        key = "discord.moved_from_gone" if gone else "discord.moved_to_dm"
+        note = t(job.lang, key, channel=job.target.chat_id)
         posted = []
         try:
             dm = await client.create_dm(discord.Object(int(job.user.user_id)))

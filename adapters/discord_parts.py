@@ -28,6 +28,7 @@ DEFAULT_FILE_LIMIT = 10 * 1024 * 1024  # discord.utils.DEFAULT_FILE_SIZE_LIMIT_B
 FILES_PER_MESSAGE = 10
 
 # Discord's JSON error codes the adapter acts on.
+UNKNOWN_CHANNEL = 10003
 UNKNOWN_WEBHOOK = 10015
 UNKNOWN_INTERACTION = 10062
 ALREADY_ACKNOWLEDGED = 40060
@@ -43,6 +44,16 @@ def token_gone(exc: discord.HTTPException) -> bool:
 
 def not_permitted(exc: discord.HTTPException) -> bool:
     return exc.code in (MISSING_ACCESS, MISSING_PERMISSIONS) or exc.status == 403
+
+
+def channel_gone(exc: discord.HTTPException) -> bool:
+    """The channel was deleted (10003): the user can only be reached in their DMs."""
+    return exc.code == UNKNOWN_CHANNEL
+
+
+def unreachable(exc: discord.HTTPException) -> bool:
+    """The channel will not take a message from us, now or later: the DMs are the way."""
+    return not_permitted(exc) or channel_gone(exc)
 
 
 @dataclass(frozen=True, slots=True)

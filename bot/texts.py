@@ -157,6 +157,8 @@ EN: dict[str, str] = {
         "Messages, Attach Files). Please ask a server admin."
     ),
     "discord.moved_to_dm": "I couldn't post in <#{channel}> (missing permissions), so here it is.",
+    "discord.channel_gone": "The channel <#{channel}> is gone, so I'm telling you here.",
+    "discord.moved_from_gone": "The channel <#{channel}> is gone, so here it is.",
     "error.blocked": "🚫 That prompt is not allowed here. Nothing was sent and you were not charged.",
     "error.link_code": "That link code is wrong or has expired. Send /link on the other platform for a new one.",
     "error.link_tries": "Too many wrong link codes. Try again in {minutes} minutes.",
@@ -325,6 +327,8 @@ ZH: dict[str, str] = {
     "discord.scaled": "（已缩小以符合 Discord 的 {limit} 上传限制。）",
     "discord.no_permission": "我无法在 <#{channel}> 发消息：缺少权限（查看频道、发送消息、附加文件）。请联系服务器管理员。",
     "discord.moved_to_dm": "我无法在 <#{channel}> 发消息（缺少权限），所以发到这里。",
+    "discord.channel_gone": "频道 <#{channel}> 已不存在，所以在这里告诉你。",
+    "discord.moved_from_gone": "频道 <#{channel}> 已不存在，所以发到这里。",
     "error.blocked": "🚫 此处不允许这个提示词。未发送，也未扣费。",
     "error.link_code": "链接码错误或已过期。请在另一个平台发送 /link 获取新的链接码。",
     "error.link_tries": "错误的链接码太多。请 {minutes} 分钟后再试。",
