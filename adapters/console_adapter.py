@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import io
+import logging
 import sys
 import threading
 from collections.abc import Sequence
@@ -14,6 +16,8 @@ from bot.chat import Chat
 from bot.engine import Engine
 from bot.jobs import Job, StoredImage, Target, UserRef
 from bot.texts import t
+
+log = logging.getLogger("drawbridge.console")
 
 QUIT = ("/quit", "/exit", "/q")
 
@@ -56,6 +60,9 @@ class ConsoleAdapter:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if isinstance(self._in, io.TextIOWrapper):  # (a test's StringIO has nothing to say)
+            # A line that is not UTF-8 is read with U+FFFD for what it cannot decode.
+            self._in.reconfigure(errors="replace")
 
         def read() -> None:
             for line in iter(self._in.readline, ""):
@@ -82,7 +89,12 @@ class ConsoleAdapter:
                     continue
                 if text.lower() in QUIT:
                     break
-                reply = await self.chat.handle(self.user, self.target, text, lang=self.lang)
+                try:
+                    reply = await self.chat.handle(self.user, self.target, text, lang=self.lang)
+                except Exception:  # the chat goes on: one line is never the end of it
+                    log.exception("console: a line could not be handled")
+                    self.say(t(self.lang, "error.generic"))
+                    continue
                 if reply is not None:
                     self.say(reply.text)
             else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bot.commands import parse_command, parse_job_ref, parse_prompt, shorten
+from bot.commands import parse_command, parse_job_ref, parse_prompt, readable, shorten
 from bot.engine import Engine
 from bot.errors import InvalidRequest, NotAllowed, UserError
 from bot.jobs import Request, Target, Ticket, UserRef
@@ -53,6 +53,7 @@ class Chat:
         reference_images: tuple[bytes, ...] = (),
     ) -> Reply | None:
         """Answer one message; `None` when it is not for the bot (plain text in a group)."""
+        text = readable(text)
         command = parse_command(text, bot_username)
         if command is None:
             if not private:

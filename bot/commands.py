@@ -139,9 +139,18 @@ def parse_job_ref(args: str) -> str | None:
 _BLANKS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def readable(text: str) -> str:
+    """`text` with lone surrogates (bytes a terminal or a file could not decode, kept as
+    surrogate escapes) made U+FFFD: they cannot be stored, encoded or sent anywhere."""
+    return _SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text
+
+
 def clean_prompt(text: str) -> str:
     """`text` with its runs of whitespace made one space; "" when nothing in it is visible."""
-    prompt = " ".join(text.split())
+    prompt = " ".join(readable(text).split())
     for char in prompt:
         if not (char == " " or char in _BLANKS or unicodedata.category(char) in ("Cf", "Cc")):
             return prompt
