@@ -15,7 +15,7 @@ from rich.text import Text
 from adapters.batch_adapter import BatchAdapter
 from bot.app import open_core
 from bot.commands import ParsedPrompt, parse_prompt, parse_ratio
-from bot.errors import QueueFull, UserError
+from bot.errors import QueueFull, SettingsError, UserError
 from bot.jobs import Request, Target, UserRef
 from bot.logs import setup_logging
 from bot.settings import Settings
@@ -33,8 +33,15 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[int, str]]:
     if args.prompt:
         prompts.append((0 if args.file else 1, args.prompt))
     if args.file:
-        # utf-8-sig: a file saved by Windows Notepad starts with a BOM, which is not whitespace.
-        lines = args.file.read_text(encoding="utf-8-sig").splitlines()
+        data = args.file.read_bytes()
+        try:
+            # utf-8-sig: a file saved by Windows Notepad starts with a BOM, not whitespace.
+            lines = data.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise SettingsError(
+                f"--file {args.file}: line {line} is not UTF-8 text; save the file as UTF-8"
+            ) from None
         prompts.extend(
             (n, line.strip())
             for n, line in enumerate(lines, start=1)

@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="print CSV (what /export sends)")
     usage.add_argument(
         "--days",
-        type=_positive_int,
+        type=_days,
         default=None,
         metavar="N",
         help="only the last N days in QUOTA_TZ, today included",
@@ -67,14 +67,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(text: str) -> int:
+MAX_DAYS = 36_500  # a hundred years: further back than any quota day, and a date still
+
+
+def _days(text: str) -> int:
+    """A count of days, 1 or more; a huge one ("all of it") is every day there is."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more")
-    return value
+    return min(value, MAX_DAYS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 
+from bot.errors import SettingsError
+
 log = logging.getLogger("drawbridge.store")
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry: append a new
@@ -177,8 +179,9 @@ def migrate(db: sqlite3.Connection) -> None:
     row = db.execute("PRAGMA user_version").fetchone()
     version = int(row[0]) if row else 0
     if version > len(MIGRATIONS):
-        raise RuntimeError(
-            f"database schema version {version} is newer than this release ({len(MIGRATIONS)})"
+        raise SettingsError(
+            f"DRAWBRIDGE_DATA_DIR: the database's schema version {version} is newer than this "
+            f"release ({len(MIGRATIONS)}): run a newer drawbridge, or use another data dir"
         )
     for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
         db.execute("BEGIN IMMEDIATE")

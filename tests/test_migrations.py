@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.errors import SettingsError
 from bot.jobs import UserRef
 from bot.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
 from bot.store import Store
@@ -55,6 +56,6 @@ def test_a_database_of_a_newer_release_is_refused_not_damaged(tmp_path: Path) ->
     path = tmp_path / "drawbridge.db"
     with sqlite3.connect(path, isolation_level=None) as db:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-        with pytest.raises(RuntimeError, match="newer than this release"):
+        with pytest.raises(SettingsError, match="newer than this"):
             migrate(db)
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
