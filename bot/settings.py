@@ -29,6 +29,10 @@ from bot.errors import SettingsError
 
 IdSet = frozenset[str]
 _SNOWFLAKE = re.compile(r"[0-9]{1,20}")
+# Who ADMIN_IDS and ALLOWED_IDS can name: a user on a platform, a chat, a Discord guild.
+_USER_KINDS = ("telegram", "discord", "console", "cli")
+ID_KINDS = frozenset({*_USER_KINDS, *(f"{kind}-chat" for kind in _USER_KINDS), "discord-guild"})
+_IDENT = re.compile(r"[A-Za-z0-9_.@-]+")  # a number (a chat's may be negative) or a login
 
 # Model family → providers to try in order. Same model, different vendor: a GrsAI outage moves
 # nano-banana jobs to Gemini's own API (when both keys are set), and back when it recovers.
@@ -160,8 +164,14 @@ class Settings(BaseModel):
     def _check_ids(cls, value: IdSet) -> IdSet:
         for item in value:
             kind, _, ident = item.partition(":")
-            if not kind or not ident:
-                raise ValueError(f"{item!r} is not platform:id (like telegram:123)")
+            if not kind or not _IDENT.fullmatch(ident):
+                raise ValueError(
+                    f"{item!r} is not platform:id (like telegram:123; several are separated "
+                    "by commas: telegram:123,discord:456)"
+                )
+            if kind not in ID_KINDS:
+                known = ", ".join(sorted(ID_KINDS))
+                raise ValueError(f"{item!r}: {kind!r} is not one of {known}")
         return value
 
     @field_validator("provider_fallbacks")
