@@ -231,10 +231,19 @@ class TelegramAdapter:
         await self.board.close()
         await self.app.shutdown()
 
-    async def process_webhook_update(self, payload: dict[str, Any]) -> None:
-        """Feed one update from a webhook request (the route has checked the secret)."""
-        update = Update.de_json(payload, self.app.bot)
+    async def process_webhook_update(self, payload: object) -> bool:
+        """Feed one update from a webhook request (the route has checked the secret); False,
+        and nothing fed, for a body that is not an update."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("update_id"), int):
+            log.warning("telegram: a webhook request that is not an update was refused")
+            return False
+        try:
+            update = Update.de_json(payload, self.app.bot)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("telegram: a webhook update PTB could not read (%s)", type(exc).__name__)
+            return False
         await self.app.update_queue.put(update)
+        return True
 
     def webhook_secret_ok(self, header: str | None) -> bool:
         """Whether `X-Telegram-Bot-Api-Secret-Token` matches the webhook's secret."""

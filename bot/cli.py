@@ -214,7 +214,8 @@ def telegram_webhook(adapter: TelegramAdapter) -> Callable[[web.Request], Awaita
             payload = await request.json()
         except ValueError:
             return web.Response(status=400)
-        await adapter.process_webhook_update(payload)
+        if not await adapter.process_webhook_update(payload):
+            return web.Response(status=400)
         return web.Response(status=200)
 
     return handle
