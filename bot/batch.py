@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -81,6 +83,21 @@ def echo(text: str) -> Text:
     return Text.assemble(("✗", "red"), " ", text)
 
 
+def out_problem(out: Path) -> str | None:
+    """Why --out cannot take the image files (None if it can), without making it yet: it
+    is made when the first image arrives, so a run that makes none leaves nothing behind."""
+    place = out
+    while not place.exists():
+        if place.parent == place:
+            return "no such place"
+        place = place.parent
+    if not place.is_dir():
+        return "not a directory" if place == out else f"{place} is not a directory"
+    if not os.access(place, os.W_OK | os.X_OK):
+        return "not writable" if place == out else f"{place} is not writable"
+    return None
+
+
 async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
     """Submit every prompt (the engine's queue bound is the back-pressure), wait, summarise."""
     # The progress bar and per-line failures; soft wrap: a long reason stays one line in a log.
@@ -95,6 +112,10 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
         defaults = flag_defaults(args)
     except UserError as exc:
         console.print(Text(f"drawbridge generate: {render_error('en', exc)}"), highlight=False)
+        return 2
+    why = out_problem(args.out)  # before any job is paid for
+    if why is not None:
+        console.print(Text(f"drawbridge generate: --out {args.out}: {why}"), highlight=False)
         return 2
     try:
         user = UserRef("cli", getpass.getuser())
@@ -116,6 +137,7 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
             console=console,
         ) as progress:
             task = progress.add_task("generate", total=len(prompts))
+            jobs: list[str] = []
             adapter = BatchAdapter(args.out, progress, task)
             engine.register(adapter)
             await engine.start(resume=False)
@@ -131,7 +153,7 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
                     )
                     while True:
                         try:
-                            await engine.submit(request)
+                            jobs.append((await engine.submit(request)).job_id)
                             break
                         except QueueFull:
                             await asyncio.sleep(0.05)  # the queue is the back-pressure
@@ -142,6 +164,9 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
                     progress.advance(task)
             await engine.run_until_idle()
         result = adapter.result
+        # What the ledger charged, even for a job whose files could not be copied to --out.
+        rows = [await engine.store.get_job(job_id) for job_id in jobs]
+        result.cost_usd = sum(row.cost_usd for row in rows if row is not None)
     seconds = time.monotonic() - started
     report.print(
         t(
