@@ -59,6 +59,7 @@ class HttpServer:
         self.started = time.time()
         self._runner: web.AppRunner | None = None
         self.health_checks: dict[str, Callable[[], bool]] = {}
+        self.stopping = False  # draining after SIGTERM: unwell to a load balancer from now on
 
     def add_post(self, path: str, handler: Handler) -> None:
         """A route for an adapter (Telegram's webhook); call before `open`."""
@@ -82,7 +83,7 @@ class HttpServer:
         return None
 
     async def stop_intake(self) -> None:
-        return None
+        self.stopping = True
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -104,6 +105,8 @@ class HttpServer:
                 checks[name] = bool(check())
             except Exception:
                 checks[name] = False
+        if self.stopping:
+            checks["accepting"] = False  # finishing what it has, taking nothing new
         engine = self.core.engine
         body = {
             "ok": all(checks.values()),
