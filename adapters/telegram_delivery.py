@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
-from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.error import BadRequest, Forbidden, NetworkError, TelegramError
 
 from adapters.telegram_budget import Priority
 from adapters.telegram_send import Buttons, Place, Sender, Sent, fit_text
@@ -40,7 +40,17 @@ def fits_photo(image: StoredImage) -> bool:
     )
 
 
-def _refused_as_photo(exc: BadRequest) -> bool:
+def too_large(exc: TelegramError) -> bool:
+    """Telegram's front end refused the body (HTTP 413, an HTML page PTB reports as a
+    NetworkError): the same upload is refused again."""
+    return isinstance(exc, NetworkError) and "(413)" in exc.message
+
+
+def _refused_as_photo(exc: TelegramError) -> bool:
+    if too_large(exc):
+        return True  # a photo's limits are the tighter: a document may pass
+    if not isinstance(exc, BadRequest):
+        return False
     text = exc.message.upper()
     return any(k in text for k in ("PHOTO", "IMAGE_PROCESS", "TOO BIG", "DIMENSIONS"))
 
@@ -79,7 +89,7 @@ Reader = Callable[[Sequence[StoredImage]], Awaitable[list[bytes]]]
 
 def delivery_error(exc: TelegramError) -> DeliveryError:
     """Forbidden (blocked, kicked) and bad requests are permanent; 429s and timeouts are not."""
-    permanent = isinstance(exc, Forbidden | BadRequest)
+    permanent = isinstance(exc, Forbidden | BadRequest) or too_large(exc)
     return DeliveryError(f"telegram: {exc.message}", permanent=permanent)
 
 
@@ -154,7 +164,7 @@ class Delivery:
                 reply_to=place.reply_to,
                 buttons=buttons,
             )
-        except BadRequest as exc:
+        except (BadRequest, NetworkError) as exc:
             if kind != "photo" or not _refused_as_photo(exc):
                 raise
             log.info("job=%s: photo refused (%s), sending a document", image.job_id, exc.message)
@@ -192,7 +202,7 @@ class Delivery:
                     thread_id=place.thread_id,
                     reply_to=reply_to,
                 )
-            except BadRequest as exc:
+            except (BadRequest, NetworkError) as exc:
                 if kind != "photo" or not _refused_as_photo(exc):
                     raise
                 log.info("album refused as photos (%s), sending documents", exc.message)
