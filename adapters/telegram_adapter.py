@@ -36,6 +36,7 @@ from telegram.ext import (
     filters,
 )
 
+from adapters.telegram_albums import Albums
 from adapters.telegram_budget import PaidLane, SendBudget
 from adapters.telegram_buttons import ButtonPresses, cancel_button
 from adapters.telegram_delivery import Delivery, reroll_button
@@ -121,6 +122,7 @@ class TelegramAdapter:
         budget = rate_limiter if isinstance(rate_limiter, SendBudget) else None
         self.paid_lane = budget.paid if budget is not None else None
         self.intake = IntakeGate(wait=intake_wait)
+        self.albums = Albums(self._handle)
         builder = (
             ApplicationBuilder()
             .token(token)
@@ -226,6 +228,7 @@ class TelegramAdapter:
             await self.app.updater.stop()
         if self.app.running:
             await self.app.stop()
+        await self.albums.flush()  # the albums whose parts all came before the intake stopped
 
     async def close(self) -> None:
         await self.board.close()
@@ -303,18 +306,22 @@ class TelegramAdapter:
         msg = update.message
         if msg is None or msg.is_automatic_forward:  # (a linked channel's post, copied in)
             return
-        sender = msg.from_user
-        if msg.sender_chat is not None:
-            # An anonymous group admin (from @GroupAnonymousBot) or a member posting as a
-            # channel: the chat they speak as is who asks, with its own quota.
-            identity, lang_code = str(msg.sender_chat.id), None
-        elif sender is None or sender.is_bot:
+        if _speaker(msg) is None:
             return
-        else:
-            identity, lang_code = str(sender.id), sender.language_code
         if msg.migrate_to_chat_id:  # the group became a supergroup: follow it from now on
             self.sender.migrated[msg.chat.id] = msg.migrate_to_chat_id
             return
+        if msg.media_group_id is not None and msg.forward_origin is None:
+            self.albums.add(msg)  # handled as one message once all its parts have come
+            return
+        await self._handle(msg)
+
+    async def _handle(self, msg: Message, others: tuple[Message, ...] = ()) -> None:
+        """Answer one message (with `others`, the rest of its album)."""
+        speaker = _speaker(msg)
+        if speaker is None:
+            return
+        identity, lang_code = speaker
         bot = self.app.bot
         ask = read_message(msg, bot.username or "", bot.id)
         if ask.kind is AskKind.IGNORE:
@@ -354,7 +361,7 @@ class TelegramAdapter:
                 elif reply is not None:
                     self.board.reply(place, reply.text, lang, str(user))
             else:
-                await self._imagine(msg, user, target, ask.text, lang)
+                await self._imagine(msg, user, target, ask.text, lang, others)
         except Exception:
             self.board.reply(place, t(lang, "error.generic"), lang, str(user))  # never silence
             raise
@@ -377,14 +384,24 @@ class TelegramAdapter:
         return False
 
     async def _imagine(
-        self, msg: Message, user: UserRef, target: Target, prompt: str, lang: str
+        self,
+        msg: Message,
+        user: UserRef,
+        target: Target,
+        prompt: str,
+        lang: str,
+        others: tuple[Message, ...] = (),
     ) -> None:
         place = place_of(target)
         try:
             self.chat.admit(user, target)  # before any fetch
             parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)
             refs = await fetch_reference(
-                self.app.bot, msg, self.reference_max_bytes, before_download=self.intake.let_go
+                self.app.bot,
+                msg,
+                self.reference_max_bytes,
+                before_download=self.intake.let_go,
+                others=others,
             )
         except UserError as exc:
             self.board.reply(place, render_error(lang, exc), lang, str(user))
@@ -405,3 +422,17 @@ class TelegramAdapter:
         if error is not None:
             self.errors.append(error)
             log.error("telegram: update failed", exc_info=error)
+
+
+def _speaker(msg: Message) -> tuple[str, str | None] | None:
+    """Who asks (an id and their language code), or None for a bot or nobody.
+
+    An anonymous group admin (from @GroupAnonymousBot) or a member posting as a channel: the
+    chat they speak as is who asks, with its own quota.
+    """
+    if msg.sender_chat is not None:
+        return str(msg.sender_chat.id), None
+    sender = msg.from_user
+    if sender is None or sender.is_bot:
+        return None
+    return str(sender.id), sender.language_code

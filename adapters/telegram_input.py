@@ -2,14 +2,14 @@
 
 In a private chat plain text is a prompt. In a group the bot answers `/imagine`, its other
 commands, a mention (`@drawbot a fox`) and replies to its own messages; everything else there is
-other people's conversation. A photo (or an image sent as a file) on the message, or on the
-message it replies to, is the reference image.
+other people's conversation. A photo (or an image sent as a file) on the message, and on the rest
+of its album, or else on the message it replies to, is a reference image.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -119,21 +119,35 @@ def _read(msg: Message, username: str, bot_id: int) -> Ask:
 
 
 async def fetch_reference(
-    bot: Bot, msg: Message, max_bytes: int, before_download: Callable[[], None] | None = None
+    bot: Bot,
+    msg: Message,
+    max_bytes: int,
+    before_download: Callable[[], None] | None = None,
+    others: Sequence[Message] = (),
 ) -> tuple[bytes, ...]:
-    """The reference image, downloaded through getFile; `InvalidRequest` when too big or gone.
+    """The reference images, downloaded through getFile: the message's own (and those of
+    `others`, the rest of its album), else the one of the message it replies to.
+    `InvalidRequest` when one is too big, gone, or not an image.
 
     `before_download` hears that a download is about to start (the intake stops waiting for it).
     """
-    found = image_file(msg) or image_file(msg.reply_to_message)
-    if found is None:
+    if any(other_attachment(part) for part in others):
+        raise InvalidRequest("error.reference_unreadable")  # a video in the album, say
+    found = [f for f in (image_file(m) for m in (msg, *others)) if f is not None]
+    if not found:
+        replied = image_file(msg.reply_to_message)
+        found = [replied] if replied is not None else []
+    if not found:
         return ()
-    file_id, size = found
     too_big = InvalidRequest("error.reference_too_big", max_mb=max_bytes // 1_000_000)
-    if size is not None and size > max_bytes:
+    if any(size is not None and size > max_bytes for _, size in found):
         raise too_big  # Telegram told us the size: no download at all
     if before_download is not None:
         before_download()
+    return tuple([await _download(bot, file_id, max_bytes, too_big) for file_id, _ in found])
+
+
+async def _download(bot: Bot, file_id: str, max_bytes: int, too_big: InvalidRequest) -> bytes:
     try:
         file = await bot.get_file(file_id)
         if file.file_size is not None and file.file_size > max_bytes:
@@ -141,7 +155,9 @@ async def fetch_reference(
         data = bytes(await file.download_as_bytearray())
     except TelegramError as exc:
         log.info("reference image not fetched: %s", exc.message)
+        if "too big" in exc.message.lower():  # getFile serves files up to 20 MB
+            raise too_big from None
         raise InvalidRequest("error.reference_download") from None
     if len(data) > max_bytes:
         raise too_big
-    return (data,)
+    return data
