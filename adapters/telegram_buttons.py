@@ -115,8 +115,8 @@ class ButtonPresses:
             await _answer(query, t(lang, "original.already_sent"))
             return
         images = await self.adapter.engine.store.images_for(job.id)
-        if not images:
-            raise JobNotFound(job=job_id)
+        if not images:  # deleted after IMAGE_RETENTION_DAYS, as /show says
+            raise UserError("error.no_images", job=job.id)
         self._originals = {
             k: v for k, v in self._originals.items() if now - v < ORIGINALS_RESEND_AFTER
         }
@@ -131,3 +131,6 @@ class ButtonPresses:
                 job.id,
                 delivery_error(exc) if isinstance(exc, TelegramError) else exc,
             )
+            # The press was answered already: the chat hears why nothing came.
+            why = "error.no_images" if isinstance(exc, OSError) else "original.failed"
+            self.adapter.board.reply(place, t(lang, why, job=job.id), lang, str(user))

@@ -107,6 +107,7 @@ EN: dict[str, str] = {
     "button.cancel": "✖ Cancel",
     "button.rerolled": "🔄 Rerolling as job {job}",
     "original.already_sent": "The original file was already sent above.",
+    "original.failed": "I could not send the original file of job {job}. Please try again later.",
     "notice.repeated": "{text} (×{count})",
     "hint.photo_needs_caption": (
         "Add a caption to the photo saying what to make of it, e.g. “turn it into a watercolor”."
@@ -283,6 +284,7 @@ ZH: dict[str, str] = {
     "button.cancel": "✖ 取消",
     "button.rerolled": "🔄 已重新提交为任务 {job}",
     "original.already_sent": "原图文件已在上方发送。",
+    "original.failed": "无法发送任务 {job} 的原图文件，请稍后再试。",
     "notice.repeated": "{text}（×{count}）",
     "hint.photo_needs_caption": "请给图片加上说明文字，告诉我要怎么处理，例如“改成水彩画风格”。",
     "hint.unsupported": "我能读取文字和图片。请发送提示词，例如 /imagine 黄昏的灯塔",
