@@ -318,7 +318,7 @@ class DiscordOutbox:
         if meta is not None and self._token_alive(job.id, meta):
             uploads = await self._uploads(job, images, limit)
             webhook = self._webhook(meta)
-            await self._settle_response(job)
+            await self._settle_response(job, meta)
             try:
                 for message in self._messages(job, uploads, limit):
                     sent = await webhook.send(
@@ -352,18 +352,24 @@ class DiscordOutbox:
         self._board.push(job.id, _Status(job, text, None, final=True, quiet=quiet), final=True)
         return ",".join(posted)
 
-    async def _settle_response(self, job: Job) -> None:
+    async def _settle_response(self, job: Job, meta: InteractionMeta) -> None:
         """A job done before its status reached the deferred response ("thinking…", the first
-        edit waits a moment): edit that response first, since Discord turns the first followup
-        after a defer into the response itself, and the "done" edit would then overwrite the
-        result's caption and its 🔄 button."""
-        interaction = self._live.get(job.id)
-        if interaction is None or job.id in self._edited:
+        edit waits a moment; or a restart cut the edits off): edit that response first, since
+        Discord turns the first followup after a defer into the response itself, and the
+        "done" edit would then overwrite the result's caption and its 🔄 button. After a
+        restart this process cannot know whether it was edited: once more does no harm."""
+        if job.id in self._edited:
             return
+        content = t(job.lang, "status.started", model=job.model, job=job.id)
+        interaction = self._live.get(job.id)
+        ref = self._status_refs.get(job.id) or job.status_message_id
         try:
-            await interaction.edit_original_response(
-                content=t(job.lang, "status.started", model=job.model, job=job.id)
-            )
+            if interaction is not None:
+                await interaction.edit_original_response(content=content)
+            elif ref is not None and ref.startswith("w:") and ref[2:].isdigit():
+                await self._webhook(meta).edit_message(int(ref[2:]), content=content)
+            else:
+                return
             self._edited.add(job.id)
         except discord.HTTPException as exc:
             log.info("discord: job=%s response not settled before its result (%s)", job.id, exc)
