@@ -63,6 +63,7 @@ class DiscordAdapter:
     """
 
     platform = "discord"
+    confirms_told = True  # the outbox says when a job's outcome is out (`DiscordOutbox`)
 
     def __init__(
         self,

@@ -204,6 +204,11 @@ class DiscordOutbox:
         finally:
             if status.final:
                 self._forget(job_id)
+                # Sent, or every way tried: only a crash (or a stop cutting the send off)
+                # before here makes a restart tell it again.
+                task = asyncio.current_task()
+                if task is None or not task.cancelling():
+                    self.engine.job_told(job_id)
 
     async def _edit_in_channel(
         self, job: Job, ref: str, content: str, view: discord.ui.View | None

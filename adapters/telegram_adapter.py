@@ -76,6 +76,7 @@ class TelegramAdapter:
     """Telegram as the engine's adapter and as one of the app's services."""
 
     platform = "telegram"
+    confirms_told = True  # the status board says when a job's outcome is out (`ChatStatus.told`)
 
     def __init__(
         self,
@@ -147,6 +148,7 @@ class TelegramAdapter:
             edit_interval=edit_interval,
             action_interval=action_interval,
             clock=clock,
+            told=self.engine.job_told,
         )
         self.delivery = Delivery(self.sender, self.engine.store.read_images)
         self.buttons = ButtonPresses(self)

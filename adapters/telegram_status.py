@@ -86,9 +86,11 @@ class ChatStatus:
         edit_interval: float = 3.0,
         action_interval: float = 4.5,
         clock: Callable[[], float] = time.monotonic,
+        told: Callable[[str], None] | None = None,
     ) -> None:
         self.sender = sender
         self.attach = attach
+        self.told = told  # hears a job id once its outcome (not a result) is sent, or never can be
         self.edit_interval = edit_interval
         self.action_interval = action_interval
         self.clock = clock
@@ -188,6 +190,9 @@ class ChatStatus:
                 await self._edit(line)
         finally:
             line.task = None
+            outcome = line.final and not line.delivered
+            if outcome and (line.dead or line.wanted == line.shown) and self.told is not None:
+                self.told(line.job_id)
             if (
                 line.dead
                 or (line.final and line.wanted == line.shown)

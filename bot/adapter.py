@@ -56,6 +56,10 @@ class Adapter(Protocol):
     `status` must return quickly: an adapter coalesces edits to its platform's limits and sends
     them in the background, and may drop a stale progress edit. `deliver` is awaited: it returns
     the platform's message id(s) of what it posted, recorded so a restart never posts twice.
+
+    An adapter that sends a job's last word in the background says `confirms_told = True` and
+    calls `engine.job_told(job_id)` once it has sent it (or can never send it): until then a
+    restart tells the user again. Without it, the engine counts a job told when `status` returns.
     """
 
     platform: str

@@ -372,7 +372,13 @@ class JobRunner(EngineBase):
             else:
                 reason = t(job.lang, f"reason.{kind.value}")
             await self._emit(job, StatusKind.FAILED, "status.failed", reason=reason)
-        self.store.post(told_op(job.id, self.clock()))
+        adapter = self.adapters.get(job.target.platform)
+        if not getattr(adapter, "confirms_told", False):
+            self.job_told(job.id)  # shown when `status` returned (or nowhere to show it)
+
+    def job_told(self, job_id: str) -> None:
+        """The user has been sent the job's last word: a restart need not tell it again."""
+        self.store.post(told_op(job_id, self.clock()))
 
     async def _emit(
         self, job: Job, kind: StatusKind, key: str, percent: int | None = None, **params: object

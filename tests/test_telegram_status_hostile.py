@@ -648,3 +648,31 @@ async def test_a_failure_during_an_ack_that_is_then_refused_is_still_told(
     # gets a try of its own now.
     told = await tg.wait_text("refused", within=3)
     assert told.method == "sendMessage"
+
+
+async def test_an_outcome_counts_as_told_only_once_telegram_has_it(
+    rig: Rig, tg: HostileTelegram, provider: ShapedProvider
+) -> None:
+    """`told_at` waits for the refusal's edit to come back from Telegram: killed before that,
+    the restarted bot tells the user again (it was written as soon as the edit was queued)."""
+    provider.gates["something forbidden"] = asyncio.Event()
+    provider.errors["something forbidden"] = [Refused("no")]
+    await rig.start()
+    tg.message("something forbidden")
+    await tg.wait_for(is_status)
+    release = tg.holds["editMessageText"] = asyncio.Event()
+    provider.gates["something forbidden"].set()
+    await until(lambda: any(c.method == "editMessageText" for c in tg.calls))
+    await rig.idle()
+    told = "SELECT status, told_at IS NOT NULL FROM jobs"
+    assert await rows(rig.harness, told) == [("refused", 0)]  # Telegram has not answered
+    release.set()
+    await tg.wait_text("refused")
+    await until_row(rig, told, [("refused", 1)])
+
+
+async def until_row(rig: Rig, sql: str, want: list[tuple[Any, ...]]) -> None:
+    deadline = time.monotonic() + 10
+    while (got := await rows(rig.harness, sql)) != want:
+        assert time.monotonic() < deadline, got
+        await asyncio.sleep(0.05)
