@@ -113,7 +113,7 @@ class DiscordOutbox:
         self._live: dict[str, Inter] = {}  # job id → the interaction that asked, this process
         self._status_refs: dict[str, str] = {}  # job id → "w:<id>" or "c:<id>"
         self._dead: set[str] = set()  # jobs whose interaction token Discord refused
-        self._edited: set[str] = set()  # live jobs whose deferred response has been edited
+        self._edited: set[str] = set()  # jobs whose deferred response this process has edited
         self._queued: dict[str, int] = {}  # job id → the queue position last shown
         self._reposts: dict[str, Repost] = {}  # interaction id → a /show under way
 
