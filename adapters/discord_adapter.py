@@ -438,6 +438,9 @@ class DiscordAdapter:
     async def status(self, job: Job, update: StatusUpdate) -> None:
         await self.outbox.status(job, update)
 
+    def show_delivered(self, job: Job) -> None:
+        self.outbox.show_delivered(job)
+
     async def notify(self, target: Target, text: str) -> None:
         await self.outbox.notify(target, text)
 

@@ -353,9 +353,14 @@ class DiscordOutbox:
             uploads = await self._uploads(job, images, limit)
             posted = await self._post_to_channel(job, uploads, limit)
             quiet = True  # the mention on the result is the news; "done" is only an edit
+        self.show_delivered(job, quiet=quiet)
+        return ",".join(posted)
+
+    def show_delivered(self, job: Job, *, quiet: bool = True) -> None:
+        """The job's status message says "done" (after its result, or again after a restart);
+        `quiet`: an edit that fails is not posted anew (the result carried the news)."""
         text = t(job.lang, "status.delivered", job=job.id)
         self._board.push(job.id, _Status(job, text, None, final=True, quiet=quiet), final=True)
-        return ",".join(posted)
 
     async def _settle_response(self, job: Job, meta: InteractionMeta) -> None:
         """A job done before its status reached the deferred response ("thinking…", the first

@@ -268,9 +268,13 @@ class TelegramAdapter:
         self.board.stop_typing(job.id)
         place = place_of(job.target)
         ids = await self.delivery.deliver(job, images, place)
-        done = t(job.lang, "status.delivered", job=job.id)
-        self.board.delivered(job.id, place, done, job_message_id(job))
+        self.show_delivered(job)
         return ",".join(str(i) for i in ids)
+
+    def show_delivered(self, job: Job) -> None:
+        """The job's status message says "done" (after its result, or again after a restart)."""
+        done = t(job.lang, "status.delivered", job=job.id)
+        self.board.delivered(job.id, place_of(job.target), done, job_message_id(job))
 
     async def status(self, job: Job, update: StatusUpdate) -> None:
         place = place_of(job.target)

@@ -90,7 +90,9 @@ class ChatStatus:
     ) -> None:
         self.sender = sender
         self.attach = attach
-        self.told = told  # hears a job id once its outcome (not a result) is sent, or never can be
+        self.told = (
+            told  # hears a job id once its last word (outcome or "done") is out, or can't be
+        )
         self.edit_interval = edit_interval
         self.action_interval = action_interval
         self.clock = clock
@@ -190,15 +192,14 @@ class ChatStatus:
                 await self._edit(line)
         finally:
             line.task = None
-            outcome = line.final and not line.delivered
-            if outcome and (line.dead or line.wanted == line.shown) and self.told is not None:
-                self.told(line.job_id)
             if (
                 line.dead
                 or (line.final and line.wanted == line.shown)
                 or (line.delivered and (line.message_id is None or line.shared))
             ):
                 self._lines.pop(line.job_id, None)
+                if line.final and self.told is not None:  # the outcome, or "done", is out
+                    self.told(line.job_id)
 
     @staticmethod
     async def _pause(line: _Line, seconds: float) -> None:

@@ -59,7 +59,9 @@ class Adapter(Protocol):
 
     An adapter that sends a job's last word in the background says `confirms_told = True` and
     calls `engine.job_told(job_id)` once it has sent it (or can never send it): until then a
-    restart tells the user again. Without it, the engine counts a job told when `status` returns.
+    restart tells the user again, through `status` for an end without a result, and through the
+    adapter's `show_delivered(job)` (its status message says "done") for a delivered one.
+    Without it, the engine counts a job told when `status` (or `deliver`) returns.
     """
 
     platform: str

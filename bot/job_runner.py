@@ -303,6 +303,8 @@ class JobRunner(EngineBase):
                         (now, ref, job.id),
                     )
                 )
+                if not getattr(adapter, "confirms_told", False):
+                    self.job_told(job.id)  # the result is the news, and it is out
                 self.metrics.deliveries.labels(job.target.platform, "ok").inc()
                 log.info("✓ job=%s delivered to %s as %s", job.id, job.target.platform, ref)
                 self.metrics.total_seconds.observe(max(0.0, now - job.created_at))

@@ -169,6 +169,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX commands_at ON commands(at)",
     ),
+    (
+        # v7: a delivered job is told too once its status says done (the adapters that send it
+        # in the background confirm it): a restart shows "done" again where a crash cut it off.
+        "UPDATE jobs SET told_at = delivered_at "
+        "WHERE status = 'succeeded' AND told_at IS NULL AND delivered_at IS NOT NULL",
+        "CREATE INDEX jobs_untold_done ON jobs(delivered_at) "
+        "WHERE told_at IS NULL AND status = 'succeeded' AND delivered_at IS NOT NULL",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

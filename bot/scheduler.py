@@ -62,10 +62,16 @@ class Scheduler(JobRunner):
         for job in undelivered:
             if job.target.platform in self.adapters:
                 self._spawn(self._deliver_stored(job))
-        untold = await self.store.untold_ends(self.clock() - RETELL_WINDOW) if resume else []
+        since = self.clock() - RETELL_WINDOW
+        untold = await self.store.untold_ends(since) if resume else []
         for job in untold:
             if job.target.platform in self.adapters:
                 self._spawn(self._tell_end(job))
+        for job in await self.store.untold_successes(since) if resume else []:
+            adapter = self.adapters.get(job.target.platform)
+            show = getattr(adapter, "show_delivered", None)
+            if show is not None:
+                show(job)  # its status message says "done" (a crash cut that edit off)
         if resumed or undelivered:
             log.info("resumed %d queued jobs, %d undelivered results", resumed, len(undelivered))
         self._scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")

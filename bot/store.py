@@ -268,6 +268,14 @@ class Store:
             (since,),
         )
 
+    async def untold_successes(self, since: float) -> list[Job]:
+        """Jobs delivered since `since` whose status message was not yet seen to say "done"."""
+        return await self._select_jobs(
+            "WHERE told_at IS NULL AND status = 'succeeded' AND delivered_at IS NOT NULL "
+            "AND delivered_at >= ? ORDER BY delivered_at",
+            (since,),
+        )
+
     async def recent_jobs(self, user: UserRef, limit: int = 10) -> list[Job]:
         return await self._select_jobs(
             "WHERE platform = ? AND user_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",

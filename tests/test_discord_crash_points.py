@@ -463,23 +463,16 @@ async def test_kill_while_the_result_followup_is_held(tmp_path: Path, taken: boo
     status_done(fake, inter, job["id"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="left: a restart does not redo a success's 'done' edit (the picture is posted; "
-    "only its status line stays 'Generating…')",
-)
 async def test_kill_while_the_done_edit_is_held_the_status_message_still_ends(
     tmp_path: Path,
 ) -> None:
     """The result is posted and its message id committed; the "✅ Done" edit is in flight.
 
-    LEFT (strict xfail): the user has the picture, but above it the job's status message says
+    It was left: the user had the picture, but above it the job's status message said
     "🎨 Generating with nano-banana… · job …" for good: the restart sees a delivered job and
-    never edits its status again. Nothing records whether a success's final edit reached
-    Discord (`told_at` is kept for failed, refused and cancelled jobs only, bot/store.py
-    `untold_ends`); the "✅" edit is only queued on the status board after `deliver` returns
-    (adapters/discord_outbox.py `deliver`), and `delivered_at` commits regardless
-    (bot/job_runner.py `_deliver`). An edit is idempotent, so a restart could safely redo it."""
+    never edited its status again: nothing recorded whether a success's final edit reached
+    Discord. `told_at` now waits for that edit too (migration v7), and a restart shows "done"
+    again (`Store.untold_successes`, the adapter's `show_delivered`)."""
     async with rig(tmp_path) as (fake, _grsai, env):
         done = fake.hold("done edit", original_edit("✅"))
         async with drawbridge(tmp_path, **env) as first:

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiosqlite
 import pytest
 
 from bot.errors import Refused
@@ -676,3 +677,26 @@ async def until_row(rig: Rig, sql: str, want: list[tuple[Any, ...]]) -> None:
     while (got := await rows(rig.harness, sql)) != want:
         assert time.monotonic() < deadline, got
         await asyncio.sleep(0.05)
+
+
+async def test_a_done_edit_a_crash_cut_off_is_made_again_after_a_restart(
+    rig: Rig, tg: HostileTelegram
+) -> None:
+    """The photo went out, but the status message's "✅ Done" edit did not (killed first): the
+    row's `told_at` stays NULL and the next start edits the status message to done."""
+    engine, adapter = await rig.start()
+    tg.message("a red kite")
+    await tg.wait_for("sendPhoto")
+    await tg.wait_text("✅ Done")
+    await until_row(rig, "SELECT status, told_at IS NOT NULL FROM jobs", [("succeeded", 1)])
+    await rig.stop(engine, adapter)
+    async with aiosqlite.connect(rig.harness.data_dir / "drawbridge.db") as db:
+        await db.execute("UPDATE jobs SET told_at = NULL")  # as if the edit never went
+        await db.commit()
+    before = len(tg.calls)
+    await rig.start()
+    await until(lambda: any(c.method == "editMessageText" for c in tg.calls[before:]))
+    (again,) = [c for c in tg.calls[before:] if c.method == "editMessageText"]
+    assert (again.text or "").startswith("✅ Done")
+    await until_row(rig, "SELECT status, told_at IS NOT NULL FROM jobs", [("succeeded", 1)])
+    assert not [c for c in tg.calls[before:] if c.method in ("sendPhoto", "sendMessage")]
