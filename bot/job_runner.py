@@ -295,16 +295,18 @@ class JobRunner(EngineBase):
                 delay *= 2
             else:
                 now = self.clock()
+                # The result is the news, and it is out; an adapter that confirms its "done"
+                # edit says when that is out too (`job_told`).
+                told = None if getattr(adapter, "confirms_told", False) else now
                 # Not awaited: the platform already has the message; waiting for this commit
                 # would not narrow the window in which a crash could make us post it twice.
                 self.store.post(
                     (
-                        "UPDATE jobs SET delivered_at = ?, delivery_ref = ? WHERE id = ?",
-                        (now, ref, job.id),
+                        "UPDATE jobs SET delivered_at = ?, delivery_ref = ?, "
+                        "told_at = COALESCE(told_at, ?) WHERE id = ?",
+                        (now, ref, told, job.id),
                     )
                 )
-                if not getattr(adapter, "confirms_told", False):
-                    self.job_told(job.id)  # the result is the news, and it is out
                 self.metrics.deliveries.labels(job.target.platform, "ok").inc()
                 log.info("✓ job=%s delivered to %s as %s", job.id, job.target.platform, ref)
                 self.metrics.total_seconds.observe(max(0.0, now - job.created_at))
