@@ -153,7 +153,10 @@ class EngineBase:
 
     def breaker_changed(self, provider: str, state: BreakerState) -> None:
         if state is BreakerState.OPEN:
-            self.alert(f"breaker:{provider}:{self.clock():.0f}", "alert.breaker", provider=provider)
+            # At most once an hour a provider: one that keeps recovering and failing (its
+            # breaker opening every minute) does not send the admins a message each time.
+            hour = int(self.clock() // 3600)
+            self.alert(f"breaker:{provider}:{hour}", "alert.breaker", provider=provider)
 
     def alert(self, key: str, text_key: str, **params: object) -> None:
         """Tell every admin once per `key` and day: budget marks, rejected keys, open breakers.
@@ -165,6 +168,8 @@ class EngineBase:
         day = self.quotas.today()
         if (key, day) in self._alerted:
             return
+        if any(d != day for _, d in self._alerted):  # a new day: the old days' marks go
+            self._alerted = {(k, d) for k, d in self._alerted if d == day}
         self._alerted.add((key, day))
         self.store.post(audit_op(self.clock(), "drawbridge", "alert", key, day))
         for admin in sorted(self.config.admin_ids):

@@ -70,6 +70,10 @@ class OperatorControls(Scheduler):
         code = code.strip().upper()  # as `new_link_code` makes them; typed in any case
         owner = await self.store.link_code_owner(code, now)
         if owner is None:
+            # Those whose wrong tries are past their window go (a few users at most are left).
+            self._link_tries = {
+                k: v for k, v in self._link_tries.items() if v[-1] > now - LINK_CODE_TTL
+            }
             self._link_tries[key] = [*tries, now]
             raise InvalidRequest("error.link_code")
         self._link_tries.pop(key, None)

@@ -171,5 +171,10 @@ class Quotas:
                 if day != today:
                     self._days.pop(day, None)
                     self._totals.pop(day, None)
+                    self._charged.pop(day, None)
                     for key in [k for k in self._scopes if k[1] == day]:
                         del self._scopes[key]
+        for old in [d for d in self._charged if d not in self._days and d != today]:
+            del self._charged[old]  # (a day settled or loaded after it rolled out)
+        if len(self._day_names) > len(self._days) + 1:  # the interned names of days gone
+            self._day_names = {d: d for d in self._day_names if d in self._days or d == today}
