@@ -90,9 +90,8 @@ class ChatStatus:
     ) -> None:
         self.sender = sender
         self.attach = attach
-        self.told = (
-            told  # hears a job id once its last word (outcome or "done") is out, or can't be
-        )
+        # Hears a job id once its last word (an outcome, or "done") is out, or never can be.
+        self.told = told
         self.edit_interval = edit_interval
         self.action_interval = action_interval
         self.clock = clock

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from bot.commands import parse_command, parse_job_ref, parse_prompt, readable, shorten
 from bot.engine import Engine
 from bot.errors import InvalidRequest, NotAllowed, UserError
-from bot.jobs import Request, Target, Ticket, UserRef
+from bot.jobs import PLATFORMS, Request, Target, Ticket, UserRef
 from bot.operator import MAX_COUNT, parse_policy_changes
 from bot.quota import days_before
 from bot.stats import period, render_period
@@ -17,7 +17,6 @@ from bot.texts import money, queued_text, render_error, t
 COMMANDS = ("imagine", "usage", "jobs", "cancel", "models", "settings", "help", "start")
 USER_COMMANDS = ("link", "history", "show")
 ADMIN_COMMANDS = ("stats", "grant", "ban", "unban", "policy", "export")
-PLATFORMS = frozenset({"telegram", "discord", "console", "cli"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+PLATFORMS = frozenset({"telegram", "discord", "console", "cli"})  # where users come from
+
 
 class JobStatus(StrEnum):
     """A job's state; the value is what the `jobs.status` column holds."""

@@ -11,7 +11,7 @@ from bot.catalog import ModelSpec
 from bot.dbwriter import Op
 from bot.engine_config import new_job, new_job_id
 from bot.errors import ErrorKind, InvalidRequest, JobNotFound, NotAllowed, UserError
-from bot.job_rows import insert_job_op, told_op
+from bot.job_rows import insert_job_op
 from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
 from bot.operator import LINK_CODE_TTL, LINK_TRIES, command_ops
 from bot.scheduler import Scheduler
@@ -156,6 +156,6 @@ class OperatorControls(Scheduler):
         )
         await self.store.insert_job(job)
         # Told at once, by the refusal submit raises: not an end for a restart to tell again.
-        self.store.post(told_op(job.id, now))
+        self.job_told(job.id)
         self.metrics.jobs.labels(JobStatus.REFUSED.value, "blocklist", spec.name).inc()
         log.info("✗ job=%s refused by the blocklist (%s)", job.id, term)

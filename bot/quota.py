@@ -162,7 +162,8 @@ class Quotas:
     ) -> None:
         """Turn a reservation into the charge: the job may have made fewer images than held."""
         self.release(user, day, reserved[0] - charged[0], reserved[1] - charged[1])
-        self._charged[day] = self._charged.get(day, 0.0) + charged[1]
+        if day in self._days:  # (a day rolled out of memory keeps no tally)
+            self._charged[day] = self._charged.get(day, 0.0) + charged[1]
 
     def _prune(self, today: str) -> None:
         # Keep yesterday too: jobs reserved before midnight still settle against it.
@@ -174,7 +175,5 @@ class Quotas:
                     self._charged.pop(day, None)
                     for key in [k for k in self._scopes if k[1] == day]:
                         del self._scopes[key]
-        for old in [d for d in self._charged if d not in self._days and d != today]:
-            del self._charged[old]  # (a day settled or loaded after it rolled out)
         if len(self._day_names) > len(self._days) + 1:  # the interned names of days gone
             self._day_names = {d: d for d in self._day_names if d in self._days or d == today}

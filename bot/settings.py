@@ -26,12 +26,12 @@ from pydantic import (
 )
 
 from bot.errors import SettingsError
+from bot.jobs import PLATFORMS
 
 IdSet = frozenset[str]
 _SNOWFLAKE = re.compile(r"[0-9]{1,20}")
 # Who ADMIN_IDS and ALLOWED_IDS can name: a user on a platform, a chat, a Discord guild.
-_USER_KINDS = ("telegram", "discord", "console", "cli")
-ID_KINDS = frozenset({*_USER_KINDS, *(f"{kind}-chat" for kind in _USER_KINDS), "discord-guild"})
+ID_KINDS = frozenset({*PLATFORMS, *(f"{kind}-chat" for kind in PLATFORMS), "discord-guild"})
 _IDENT = re.compile(r"[A-Za-z0-9_.@-]+")  # a number (a chat's may be negative) or a login
 
 # Model family → providers to try in order. Same model, different vendor: a GrsAI outage moves
