@@ -467,6 +467,7 @@ class FakeDiscord:
     # ---- gateway --------------------------------------------------------------------------
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        await self._gateway_opening()
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.gateway_query = dict(request.query)
@@ -482,28 +483,41 @@ class FakeDiscord:
                 if op == 1:
                     await ws.send_str(json.dumps({"op": 11}))
                 elif op == 2:
-                    self.identify = frame["d"]
-                    self._seq += 1
-                    ready = {
-                        "v": 10,
-                        "user": self.bot_user,
-                        "guilds": [],
-                        "session_id": "fake-session",
-                        "resume_gateway_url": self.gateway_url,
-                        "application": {"id": self.app_id, "flags": 0},
-                    }
-                    await ws.send_str(
-                        json.dumps({"op": 0, "t": "READY", "s": self._seq, "d": ready})
-                    )
+                    await self._identify(ws, frame["d"])
                 elif op == 6:
-                    self._seq += 1
-                    await ws.send_str(
-                        json.dumps({"op": 0, "t": "RESUMED", "s": self._seq, "d": {}})
-                    )
+                    await self._resume(ws, frame["d"])
                 await self._touch()
         finally:
             self._sockets.remove(ws)
+            await self._gateway_closed(ws)
         return ws
+
+    async def _gateway_opening(self) -> None:
+        """Before a gateway connection is taken (a subclass may hold it)."""
+
+    async def _gateway_closed(self, ws: web.WebSocketResponse) -> None:
+        """After a gateway connection ended."""
+
+    async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
+        self.identify = data
+        self._seq += 1
+        await ws.send_str(
+            json.dumps({"op": 0, "t": "READY", "s": self._seq, "d": self._ready_payload()})
+        )
+
+    def _ready_payload(self, session_id: str = "fake-session") -> dict[str, Any]:
+        return {
+            "v": 10,
+            "user": self.bot_user,
+            "guilds": [],
+            "session_id": session_id,
+            "resume_gateway_url": self.gateway_url,
+            "application": {"id": self.app_id, "flags": 0},
+        }
+
+    async def _resume(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
+        self._seq += 1
+        await ws.send_str(json.dumps({"op": 0, "t": "RESUMED", "s": self._seq, "d": {}}))
 
     async def _attachment(self, request: web.Request) -> web.Response:
         data = self.attachments.get(request.match_info["id"])

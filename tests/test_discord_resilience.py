@@ -29,7 +29,7 @@ from typing import Any
 
 import aiosqlite
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from adapters.discord_adapter import DiscordAdapter
 from bot.errors import Transient
@@ -90,33 +90,13 @@ class ResilientDiscord(FakeDiscord):
         for ws in list(self._ready):
             await ws.send_str(json.dumps({"op": 7, "d": None}))
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway_opening(self) -> None:
         await self.gateway_open.wait()
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        self.gateway_query = dict(request.query)
-        self._sockets.append(ws)
-        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
-        try:
-            async for msg in ws:
-                if msg.type is not WSMsgType.TEXT:
-                    continue
-                frame = json.loads(msg.data)
-                op = frame.get("op")
-                self.gateway_ops.append(op)
-                if op == 1:
-                    await ws.send_str(json.dumps({"op": 11}))
-                elif op == 2:
-                    await self._identify(ws, frame["d"])
-                elif op == 6:
-                    await self._resume(ws, frame["d"])
-                await self._touch()
-        finally:
-            self._sockets.remove(ws)
-            if ws in self._ready:
-                self._ready.remove(ws)
-            await self._touch()
-        return ws
+
+    async def _gateway_closed(self, ws: web.WebSocketResponse) -> None:
+        if ws in self._ready:
+            self._ready.remove(ws)
+        await self._touch()
 
     async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
         self.identify = data
@@ -124,14 +104,7 @@ class ResilientDiscord(FakeDiscord):
         self.session_id = f"fake-session-{self.identifies}"
         self.session_valid = True
         self._seq += 1
-        ready = {
-            "v": 10,
-            "user": self.bot_user,
-            "guilds": [],
-            "session_id": self.session_id,
-            "resume_gateway_url": self.gateway_url,
-            "application": {"id": self.app_id, "flags": 0},
-        }
+        ready = self._ready_payload(self.session_id)
         await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": self._seq, "d": ready}))
         self._ready.append(ws)
 
