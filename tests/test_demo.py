@@ -11,9 +11,10 @@ from PIL import Image
 
 from bot.errors import AuthFailed, Refused, Transient
 from bot.images import ratio_size, sniff_mime, verify_image
+from bot.offload import OFF_LOOP_BYTES, off_loop
 from bot.providers.base import GenerationRequest, NullHooks
 from bot.providers.demo import DemoProvider
-from bot.providers.http import OFF_LOOP_BYTES, decoded, off_loop, verified
+from bot.providers.http import decoded, verified
 
 
 def gen(prompt: str = "a lighthouse", **kw: object) -> GenerationRequest:

@@ -31,11 +31,11 @@ import aiohttp
 from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refused, Transient
 from bot.images import MAX_IMAGE_BYTES, sniff_mime
 from bot.jobs import GeneratedImage
+from bot.offload import off_loop
 from bot.providers.base import GenerationRequest, JobHooks
 from bot.providers.http import (
     decode_base64_image,
     new_session,
-    off_loop,
     parse_retry_after,
     read_capped,
     status_error,

@@ -6,14 +6,12 @@ the engine's retry policy (`bot.providers.retry`) decides what to try again.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import email.utils
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import partial
-from typing import TypeVar
 
 import aiohttp
 
@@ -21,10 +19,9 @@ from bot import __version__
 from bot.errors import BadRequest, Expired, ProviderError, RateLimited, Transient
 from bot.images import MAX_IMAGE_BYTES, sniff_mime, verify_image
 from bot.jobs import GeneratedImage
+from bot.offload import off_loop
 
 USER_AGENT = f"drawbridge/{__version__}"
-OFF_LOOP_BYTES = 256 * 1024  # a result this big is parsed, decoded and verified on a thread
-T = TypeVar("T")
 
 
 def new_session(timeout_s: float = 600.0) -> aiohttp.ClientSession:
@@ -91,19 +88,6 @@ async def download(
     return await verified(data, max_bytes)
 
 
-async def off_loop(size: int, call: Callable[[], T]) -> T:
-    """`call()` at once for a small input; on a thread once `size` bytes would hold up the loop.
-
-    Checking a real 2.6 MB PNG (its chunk CRCs) takes ~1.2 ms, decoding its base64 and parsing
-    the JSON around it as much again: at 200 results a second, a quarter of the loop or more.
-    zlib and the base64 and JSON decoders run in C, so on a thread most of it goes beside the
-    loop; for small inputs the hop would cost more than the work.
-    """
-    if size < OFF_LOOP_BYTES:
-        return call()
-    return await asyncio.to_thread(call)
-
-
 async def verified(data: bytes, max_bytes: int = MAX_IMAGE_BYTES) -> GeneratedImage:
     """`verify_image`, off the loop when the image is big."""
     return await off_loop(len(data), partial(verify_image, data, max_bytes))
@@ -128,15 +112,35 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> byte
 
 def decode_base64_image(data: str, max_bytes: int = MAX_IMAGE_BYTES) -> GeneratedImage:
     """A base64 (or `data:` URI) image from a JSON body, verified."""
+    data = data.strip()
     if data.startswith("data:"):
         _, _, data = data.partition(",")
-    if len(data) > max_bytes * 4 // 3 + 4:
+    if len(data) > max_bytes * 4 // 3 + 4 + len(data) // 38:  # (line breaks every 76)
         raise Transient("the returned image is over the size cap")
     try:
-        raw = base64.b64decode(data, validate=False)
+        raw = b64_bytes(data)
     except (binascii.Error, ValueError):
         raise Transient("the provider returned broken base64") from None
     return verify_image(raw, max_bytes)
+
+
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
+def b64_bytes(data: str) -> bytes:
+    """Base64 as relays spell it: line breaks, the URL-safe alphabet, padding left off.
+
+    Decoding without validation skips characters outside the alphabet, `-` and `_` among them:
+    a URL-safe image came out as garbage (refused as broken, so the job was retried and the
+    provider paid again for the same image).
+    """
+    if "-" in data or "_" in data:
+        data = data.translate(_URL_SAFE)
+    try:
+        return base64.b64decode(data)
+    except binascii.Error:
+        compact = "".join(data.split()).rstrip("=")
+        return base64.b64decode(compact + "=" * (-len(compact) % 4))
 
 
 def data_uri(image: bytes) -> str:

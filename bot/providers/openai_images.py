@@ -36,12 +36,12 @@ import aiohttp
 from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refused, Transient
 from bot.images import MAX_IMAGE_BYTES, extension_for, parse_ratio, ratio_size, sniff_mime
 from bot.jobs import GeneratedImage
+from bot.offload import off_loop
 from bot.providers.base import GenerationRequest, JobHooks
 from bot.providers.http import (
     decoded,
     download,
     new_session,
-    off_loop,
     parse_retry_after,
     read_capped,
 )
