@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from zoneinfo import ZoneInfo
 
 from bot.adapter import Adapter
@@ -37,13 +38,14 @@ from bot.errors import (
 from bot.fairqueue import FairQueue
 from bot.jobs import Job, JobStatus, Request, Target, Ticket, UserRef
 from bot.metrics import Metrics
+from bot.offload import off_loop
 from bot.operator import Operator, scope_of
 from bot.operator_controls import OperatorControls
 from bot.providers.base import Provider
 from bot.quota import Quotas
 from bot.routing import Router
 from bot.store import Store
-from bot.validate import validate_request
+from bot.validate import check_references, validate_request
 
 __all__ = ["Engine", "EngineConfig", "Usage", "new_job_id", "result_cache_key"]
 
@@ -132,6 +134,8 @@ class Engine(OperatorControls):
         spec, prompt, options = validate_request(
             request, self.catalog, self.default_model, self.router.available, cfg.max_prompt_chars
         )
+        if refs := request.reference_images:
+            await off_loop(sum(map(len, refs)), partial(check_references, refs))
         policy = self.operator.policy(request.target)
         if not admin:
             if policy.models and spec.name not in policy.models:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from bot.catalog import Catalog, ModelSpec
 from bot.commands import clean_prompt
 from bot.errors import InvalidRequest
-from bot.images import sniff_mime
+from bot.images import BrokenImage, inspect_image, sniff_mime
 from bot.jobs import Options, Request
 
 MAX_SEED = 2**32 - 1
@@ -66,3 +66,17 @@ def validate_request(
             if len(data) > MAX_REFERENCE_BYTES or sniff_mime(data) is None:
                 raise InvalidRequest("error.reference_unreadable")
     return spec, prompt, Options(aspect_ratio=ratio, n=o.n, size=size, seed=o.seed)
+
+
+def check_references(images: Sequence[bytes]) -> None:
+    """Raise `InvalidRequest` unless each reference is a whole image within `MAX_PIXELS`.
+
+    `validate_request` reads only their first bytes; this reads them through (a thread's work
+    for big ones): a decompression bomb or a file cut short was otherwise sent to the provider,
+    which bills the submit and fails the job, and the user heard of a provider error at best.
+    """
+    for data in images:
+        try:
+            inspect_image(data, MAX_REFERENCE_BYTES)
+        except BrokenImage:
+            raise InvalidRequest("error.reference_unreadable") from None
