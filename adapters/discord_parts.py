@@ -302,7 +302,7 @@ def fit(data: bytes, mime: str, limit: int, stem: str) -> Upload:
     if len(data) <= limit:
         return Upload(data, stem + extension_for(mime), False)
     with Image.open(io.BytesIO(data)) as img:
-        frame = img.convert("RGB")
+        frame = _rgb(img)
     size = len(data)
     for _ in range(12):
         for quality in (90, 80, 70):
@@ -318,6 +318,19 @@ def fit(data: bytes, mime: str, limit: int, stem: str) -> Upload:
             break
         frame = frame.resize((width, height), Image.Resampling.LANCZOS)
     raise DeliveryError(f"an image cannot be made smaller than {limit} bytes", permanent=True)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB for a JPEG: 16-bit grey scaled (a plain convert clips it to white),
+    transparency laid on white (not on whatever colour the clear pixels hold, often black)."""
+    if img.mode.startswith("I"):  # I;16, I;16B, I: 16 or 32-bit grey
+        img = img.convert("I").point(lambda v: v / 256).convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return img.convert("RGB")
 
 
 def fit_all(images: Sequence[tuple[bytes, str, str]], limit: int) -> list[Upload]:
