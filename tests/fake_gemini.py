@@ -527,8 +527,9 @@ def validate(body: dict[str, Any], spec: ModelSpec) -> str | None:
                     return (
                         f"* GenerateContentRequest.{where}.inline_data.data: data is not specified"
                     )
-                try:
-                    base64.b64decode(data, validate=True)
+                try:  # the API takes both alphabets (google-genai sends the URL-safe one)
+                    standard = data.replace("-", "+").replace("_", "/")
+                    base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
                 except (binascii.Error, ValueError):
                     return f"Invalid value at '{where}.inline_data.data' (TYPE_BYTES), Base64 decoding failed"
     config = _pick(body, "generationConfig", "generation_config")
@@ -554,7 +555,9 @@ def validate(body: dict[str, Any], spec: ModelSpec) -> str | None:
                     f'GenerationConfig.Modality), "{modality}"'
                 )
     seed = _pick(config, "seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+    if seed is not None and (
+        not isinstance(seed, int) or isinstance(seed, bool) or not -(2**31) <= seed < 2**31
+    ):
         return f"Invalid value at 'generation_config.seed' (TYPE_INT32), {json.dumps(seed)}"
     image_config = _pick(config, "imageConfig", "image_config")
     if image_config is None:

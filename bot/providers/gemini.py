@@ -162,8 +162,8 @@ class GeminiProvider:
             image_config["imageSize"] = request.size.upper()
         if image_config:
             config["imageConfig"] = image_config
-        if request.seed is not None:
-            config["seed"] = request.seed + index
+        if request.seed is not None:  # an int32 to the API (400 TYPE_INT32 past it)
+            config["seed"] = (request.seed + index) % 2**31
         return {"contents": contents, "generationConfig": config}
 
     def _session_for_call(self) -> aiohttp.ClientSession:
