@@ -561,10 +561,17 @@ async def _json_objects(
 
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
-    """Decoded lines, each capped, without aiohttp's own line-length limit."""
+    """Decoded lines, each capped, without aiohttp's own line-length limit.
+
+    A byte-order mark before the first line goes, as the event-stream format says (it made
+    that line unreadable: its task id was lost and the retry paid for a second task).
+    """
     buffer = b""
+    first = True
     async for chunk in content.iter_any():
         buffer += chunk
+        if first and len(buffer) >= 3:
+            buffer, first = buffer.removeprefix(b"\xef\xbb\xbf"), False
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             yield line.decode("utf-8", "replace")
@@ -572,4 +579,4 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
             yield "\x00"  # not JSON: the reader treats it as a garbled line and stops
             return
     if buffer:
-        yield buffer.decode("utf-8", "replace")
+        yield buffer.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace")

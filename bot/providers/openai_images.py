@@ -376,7 +376,8 @@ class OpenAIImagesProvider:
                     seen += len(chunk)
                     if seen > cap:
                         raise Transient("the image API sent a stream over the size cap")
-                    buffer += chunk
+                    # Events end in a blank line, of LF or CRLF line ends as the format allows.
+                    buffer = (buffer + chunk).replace(b"\r\n", b"\n")
                     while b"\n\n" in buffer:
                         block, buffer = buffer.split(b"\n\n", 1)
                         event = self._sse_event(block)
