@@ -273,7 +273,13 @@ class GrsaiProvider:
         *,
         wait_first: bool,
     ) -> list[GeneratedImage]:
-        """Poll `task_id` until it ends; a webhook for it cuts the wait between polls short."""
+        """Poll `task_id` until it ends; a webhook for it cuts the wait between polls short.
+
+        `wait_first`: the task was submitted just now. GrsAI's result store can lag its
+        submit, so a task it has just accepted may be "not found" (-22) at first: that is polled
+        again, as a transient failure, before the id is given up (giving it up at once had the
+        retry submit anew: two tasks billed for one job). A resumed task that is gone is gone.
+        """
         loop = asyncio.get_running_loop()
         inbox = self._open_inbox(task_id)
         try:
@@ -284,8 +290,15 @@ class GrsaiProvider:
                     await self._wait_for_news(inbox, hooks, deadline)
                 wait = True
                 try:
-                    task = await self._fetch_result(task_id, hooks, deadline)
+                    task = await self._fetch_result(task_id, deadline)
                 except _TaskGone:
+                    failures += 1
+                    if wait_first and failures <= MAX_POLL_FAILURES and loop.time() < deadline:
+                        continue
+                    log.info(
+                        "GrsAI task %s is gone (code -22); the next attempt submits anew", task_id
+                    )
+                    await hooks.task_submitted(None)
                     raise
                 except (Transient, RateLimited) as exc:
                     failures += 1
@@ -321,14 +334,9 @@ class GrsaiProvider:
                 return  # the result endpoint confirms it: a webhook body proves nothing
             await _report_progress(task, hooks)
 
-    async def _fetch_result(self, task_id: str, hooks: JobHooks, deadline: float) -> Task:
-        """One poll of `/v1/draw/result`; a gone task is forgotten so the retry submits anew."""
-        try:
-            answer = await self._call(RESULT, {"id": task_id}, _budget(deadline))
-        except _TaskGone:
-            log.info("GrsAI task %s is gone (code -22); the next attempt submits anew", task_id)
-            await hooks.task_submitted(None)
-            raise
+    async def _fetch_result(self, task_id: str, deadline: float) -> Task:
+        """One poll of `/v1/draw/result` (`_TaskGone` for -22: the caller decides)."""
+        answer = await self._call(RESULT, {"id": task_id}, _budget(deadline))
         task = _unwrap(answer)
         if task is None:
             raise Transient("GrsAI's result answer holds no task")
