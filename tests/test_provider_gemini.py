@@ -14,6 +14,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -25,7 +26,7 @@ from PIL import Image
 
 from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refused, Transient
 from bot.providers.base import GenerationRequest
-from bot.providers.gemini import GeminiProvider, parse_duration
+from bot.providers.gemini import GeminiProvider, parse_duration, until_daily_reset
 from tests.fake_gemini import DEFAULT_KEY, FakeGemini
 from tests.fakes import png_bytes
 
@@ -384,7 +385,6 @@ async def test_accepts_snake_case_answers(fake: FakeGemini, provider: GeminiProv
     ("scenario", "error", "retry_after"),
     [
         ("rate_limit", RateLimited, 2.0),
-        ("rate_limit_daily", RateLimited, 2.0),
         ("rate_limit_bare", RateLimited, 3.0),
         ("internal", Transient, None),
         ("overloaded", Transient, None),
@@ -412,6 +412,29 @@ async def test_faults_map_to_the_error_taxonomy(
     assert type(caught.value) is error
     assert caught.value.retry_after == retry_after
     assert DEFAULT_KEY not in str(caught.value)
+
+
+async def test_a_used_up_daily_quota_waits_for_midnight_pacific_without_calling_again(
+    fake: FakeGemini, provider: GeminiProvider
+) -> None:
+    fake.faults.append("rate_limit_daily")
+    with pytest.raises(RateLimited) as caught:
+        await provider.generate(req(), Hooks())
+    wait = caught.value.retry_after
+    assert wait is not None and abs(wait - until_daily_reset()) < 5  # not RetryInfo's 2 s
+    calls = len(fake.calls())
+    with pytest.raises(RateLimited) as again:
+        await provider.generate(req(), Hooks())
+    assert len(fake.calls()) == calls  # the model is not asked again before the reset
+    assert again.value.retry_after is not None and again.value.retry_after <= wait
+
+
+def test_the_daily_reset_is_midnight_pacific_time() -> None:
+    # 2026-07-01 06:30 UTC is 23:30 PDT (UTC−7); 2026-01-01 07:30 UTC is 23:30 PST (UTC−8).
+    summer = datetime(2026, 7, 1, 6, 30, tzinfo=UTC).timestamp()
+    winter = datetime(2026, 1, 1, 7, 30, tzinfo=UTC).timestamp()
+    assert until_daily_reset(summer) == pytest.approx(1800)
+    assert until_daily_reset(winter) == pytest.approx(1800)
 
 
 async def test_retry_delay_with_fractions(fake: FakeGemini, provider: GeminiProvider) -> None:

@@ -8,7 +8,9 @@ makes `n` calls at once. Failures map onto the `bot.errors` taxonomy:
   `PROHIBITED_CONTENT`, `NO_IMAGE` …) or a text-only answer → `Refused`;
 - 400 `INVALID_ARGUMENT` → `BadRequest`, except a rejected key (`API_KEY_INVALID`) → `AuthFailed`;
   401/403 → `AuthFailed` (the operator is warned in the log); 404 (unknown model) → `BadRequest`;
-- 429 `RESOURCE_EXHAUSTED` → `RateLimited`, waiting `google.rpc.RetryInfo.retryDelay`;
+- 429 `RESOURCE_EXHAUSTED` → `RateLimited`, waiting `google.rpc.RetryInfo.retryDelay`; a
+  per-day quota (`…PerDay…`) waits for its reset at midnight Pacific time, and the model is not
+  called again before it;
 - 5xx, timeouts, connection errors and unparseable bodies → `Transient`.
 
 Reference: /work/shared/reference/providers.md §3.
@@ -21,10 +23,13 @@ import base64
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 
@@ -89,6 +94,7 @@ class GeminiProvider:
         self._session = session
         self._owns_session = session is None
         self.max_image_bytes = max_image_bytes
+        self._spent: dict[str, float] = {}  # model → when its daily quota is back (monotonic)
 
     def __repr__(self) -> str:
         return f"GeminiProvider(base_url={self.base_url!r})"
@@ -179,6 +185,9 @@ class GeminiProvider:
         timeout = aiohttp.ClientTimeout(
             total=request.timeout_s, sock_connect=min(30.0, request.timeout_s)
         )
+        spent = self._spent.get(model)
+        if spent is not None and (left := spent - time.monotonic()) > 0:
+            raise RateLimited(f"gemini: the daily quota of {model} is used up", retry_after=left)
         session = self._session_for_call()
         try:
             async with session.post(url, json=body, headers=headers, timeout=timeout) as resp:
@@ -272,7 +281,15 @@ class GeminiProvider:
             if retry_after is None:
                 retry_after = parse_retry_after(headers)
             if _daily_quota(details):
-                log.warning("the Gemini API says a daily quota is used up (model %s)", model)
+                # RetryInfo's delay is the per-minute window's, not when the day's quota is back.
+                retry_after = until_daily_reset()
+                self._spent[model] = time.monotonic() + retry_after
+                log.warning(
+                    "the Gemini API says a daily quota is used up (model %s): not calling it "
+                    "for %.1f h, until midnight Pacific time",
+                    model,
+                    retry_after / 3600,
+                )
             return RateLimited(described, retry_after=retry_after)
         if status == 400:
             return BadRequest(described)
@@ -280,6 +297,17 @@ class GeminiProvider:
         if retry_after is not None and error.retryable:
             error.retry_after = retry_after
         return error
+
+
+def until_daily_reset(now: float | None = None) -> float:
+    """Seconds until Gemini's daily quotas reset: midnight Pacific time (UTC−8 without tzdata)."""
+    try:
+        zone: Any = ZoneInfo("America/Los_Angeles")
+    except ZoneInfoNotFoundError:
+        zone = timezone(timedelta(hours=-8))
+    local = datetime.fromtimestamp(time.time() if now is None else now, zone)
+    midnight = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1.0, midnight.timestamp() - local.timestamp())
 
 
 def _get(obj: Any, *keys: str) -> Any:
