@@ -152,6 +152,11 @@ class BadRequest(ProviderError):
     retryable = False
 
 
+class ModelUnavailable(BadRequest):
+    """The provider does not serve the model (retired, renamed): the family's next provider
+    may (`PROVIDER_FALLBACKS`), so unlike other bad requests this one fails over."""
+
+
 class Expired(ProviderError):
     kind = ErrorKind.EXPIRED
     retryable = False

@@ -18,7 +18,7 @@ from bot.jobs import GeneratedImage, Job, JobStatus, StoredImage
 from bot.operator import scope_of
 from bot.providers.base import GenerationRequest
 from bot.providers.retry import hinted_wait, outlasts, provider_retrying
-from bot.routing import FAILOVER_KINDS, CircuitOpen, Route
+from bot.routing import CircuitOpen, Route, fails_over
 from bot.texts import t
 
 log = logging.getLogger("drawbridge.engine")
@@ -120,7 +120,7 @@ class JobRunner(EngineBase):
                     job, route, refs, hooks, i == len(routes) - 1, stage
                 ), route.spec
             except ProviderError as exc:
-                if exc.kind not in FAILOVER_KINDS:
+                if not fails_over(exc):
                     raise
                 last = exc
         if last is None:  # every route would have passed a limit: none was tried

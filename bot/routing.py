@@ -21,7 +21,7 @@ from enum import StrEnum
 from aiolimiter import AsyncLimiter
 
 from bot.catalog import Catalog, ModelSpec
-from bot.errors import ErrorKind, ProviderError, Transient
+from bot.errors import ErrorKind, ModelUnavailable, ProviderError, Transient
 from bot.jobs import GeneratedImage
 from bot.providers.base import GenerationRequest, JobHooks, Provider
 
@@ -37,6 +37,11 @@ FAILOVER_KINDS = {
     ErrorKind.AUTH,
     ErrorKind.EXPIRED,
 }
+
+
+def fails_over(exc: ProviderError) -> bool:
+    """Whether the family's next provider may well succeed after `exc` on this one."""
+    return exc.kind in FAILOVER_KINDS or isinstance(exc, ModelUnavailable)
 
 
 class CircuitOpen(Transient):

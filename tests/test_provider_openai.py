@@ -22,6 +22,7 @@ from bot.errors import (
     AuthFailed,
     BadRequest,
     Expired,
+    ModelUnavailable,
     RateLimited,
     Refused,
     Transient,
@@ -33,6 +34,7 @@ from bot.providers.openai_images import (
     parse_reset,
     size_for,
 )
+from bot.routing import fails_over
 from tests.fake_openai import FakeOpenAI, png
 from tests.fakes import png_bytes
 
@@ -494,6 +496,12 @@ async def test_insufficient_quota_is_not_retried(
         await provider.generate(req(), HOOKS)
     assert not caught.value.retryable
     assert "quota" in str(caught.value)
+
+
+async def test_a_model_the_api_does_not_serve_fails_over(provider: OpenAIImagesProvider) -> None:
+    with pytest.raises(ModelUnavailable) as caught:  # 400 invalid_value, param "model"
+        await provider.generate(req("gpt-image-9"), HOOKS)
+    assert not caught.value.retryable and fails_over(caught.value)
 
 
 @pytest.mark.parametrize("status", [500, 503])

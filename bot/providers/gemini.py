@@ -7,7 +7,8 @@ makes `n` calls at once. Failures map onto the `bot.errors` taxonomy:
 - HTTP 200 with `promptFeedback.blockReason`, a blocking `finishReason` (`IMAGE_SAFETY`,
   `PROHIBITED_CONTENT`, `NO_IMAGE` …) or a text-only answer → `Refused`;
 - 400 `INVALID_ARGUMENT` → `BadRequest`, except a rejected key (`API_KEY_INVALID`) → `AuthFailed`;
-  401/403 → `AuthFailed` (the operator is warned in the log); 404 (unknown model) → `BadRequest`;
+  401/403 → `AuthFailed` (the operator is warned in the log); 404 (unknown model) →
+  `ModelUnavailable` (a bad request that fails over to the family's next provider);
 - 429 `RESOURCE_EXHAUSTED` → `RateLimited`, waiting `google.rpc.RetryInfo.retryDelay`; a
   per-day quota (`…PerDay…`) waits for its reset at midnight Pacific time, and the model is not
   called again before it;
@@ -33,7 +34,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 
-from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refused, Transient
+from bot.errors import (
+    AuthFailed,
+    BadRequest,
+    ModelUnavailable,
+    ProviderError,
+    RateLimited,
+    Refused,
+    Transient,
+)
 from bot.images import MAX_IMAGE_BYTES, sniff_mime
 from bot.jobs import GeneratedImage
 from bot.offload import off_loop
@@ -275,7 +284,8 @@ class GeminiProvider:
             )
             return AuthFailed(described)
         if status == 404:
-            return BadRequest(f"gemini does not know the model {model!r} ({described})")
+            log.warning("the Gemini API does not serve the model %s (HTTP 404)", model)
+            return ModelUnavailable(f"gemini does not know the model {model!r} ({described})")
         retry_after = _retry_delay(details)
         if status == 429:
             if retry_after is None:

@@ -33,7 +33,15 @@ from typing import Any
 
 import aiohttp
 
-from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refused, Transient
+from bot.errors import (
+    AuthFailed,
+    BadRequest,
+    ModelUnavailable,
+    ProviderError,
+    RateLimited,
+    Refused,
+    Transient,
+)
 from bot.images import MAX_IMAGE_BYTES, extension_for, parse_ratio, ratio_size, sniff_mime
 from bot.jobs import GeneratedImage
 from bot.offload import off_loop
@@ -54,6 +62,16 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 REFUSAL_CODES = ("moderation_blocked", "content_policy_violation")
 # Out of credits: the operator must pay; retrying never helps.
 QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "insufficient_user_quota")
+# The model is not served (retired, renamed, not on this relay): the family's next provider may be.
+MODEL_GONE = (
+    "model_not_found",
+    "model not found",
+    "does not exist or you do not have access",
+    "no endpoints found",
+    "is not a valid model",
+    "unknown model",
+    "model not register",
+)
 
 MAX_N = 10  # the API's limit on `n` for one call
 MAX_EDIT_IMAGES = 16  # GPT-image edits take up to 16 `image[]` parts
@@ -491,11 +509,12 @@ class OpenAIImagesProvider:
     def _error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> ProviderError:
         payload = self._json(raw)
         error = payload.get("error") if isinstance(payload, dict) else None
-        message = code = etype = ""
+        message = code = etype = param = ""
         if isinstance(error, dict):
             message = str(error.get("message") or "")
             code = self._redact(str(error.get("code") or ""))[:100]
             etype = str(error.get("type") or "")
+            param = str(error.get("param") or "")
         elif isinstance(error, str):
             message = error
         elif isinstance(payload, dict) and isinstance(payload.get("message"), str):
@@ -537,6 +556,9 @@ class OpenAIImagesProvider:
             if headers.get("x-should-retry", "").lower() == "false":
                 exc.retryable = False  # the server says another try will not help
             return exc
+        if param == "model" or any(mark in marks for mark in MODEL_GONE):
+            log.warning("the image API does not serve the model (%s): check models.toml", label)
+            return ModelUnavailable(f"the image API does not serve the model ({label}): {message}")
         return BadRequest(f"the image API rejected the request ({label}): {message}".rstrip(": "))
 
 
