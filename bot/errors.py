@@ -142,6 +142,11 @@ class Transient(ProviderError):
     retryable = True
 
 
+class Malformed(Transient):
+    """A synchronous API's answer that cannot be read: a generation it has billed. Retried
+    once (providers.md §6), not as often as other transient failures."""
+
+
 class AuthFailed(ProviderError):
     kind = ErrorKind.AUTH
     retryable = False

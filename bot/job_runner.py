@@ -12,7 +12,15 @@ from dataclasses import replace
 from bot.adapter import StatusKind, StatusUpdate
 from bot.catalog import ModelSpec
 from bot.engine_base import EngineBase
-from bot.errors import BadRequest, DeliveryError, ErrorKind, ProviderError, Transient, UserError
+from bot.errors import (
+    BadRequest,
+    DeliveryError,
+    ErrorKind,
+    Malformed,
+    ProviderError,
+    Transient,
+    UserError,
+)
 from bot.job_rows import told_op
 from bot.jobs import GeneratedImage, Job, JobStatus, StoredImage
 from bot.operator import scope_of
@@ -177,10 +185,12 @@ class JobRunner(EngineBase):
 
         provider = route.provider.name
         # Most calls succeed at once: only a failure pays for setting up the retry policy.
+        malformed = 0
         try:
             await self._retake_slot(job.id, provider)  # it holds one, unless a try gave it up
             return await self.router.call(route, request(), hooks)
         except ProviderError as exc:
+            malformed = int(isinstance(exc, Malformed))
             if not exc.retryable or self.config.retry_attempts <= 1:
                 raise
             if isinstance(exc, CircuitOpen) and not last_route:
@@ -192,7 +202,10 @@ class JobRunner(EngineBase):
             await asyncio.sleep(wait)
         try:
             async for attempt in provider_retrying(
-                self.config.retry_attempts - 1, self.config.retry_initial * 2, within=_left(stage)
+                self.config.retry_attempts - 1,
+                self.config.retry_initial * 2,
+                within=_left(stage),
+                malformed=malformed,
             ):
                 with attempt:
                     await self._retake_slot(job.id, provider)

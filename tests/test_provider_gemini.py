@@ -24,7 +24,15 @@ from google import genai
 from google.genai import types
 from PIL import Image
 
-from bot.errors import AuthFailed, BadRequest, ProviderError, RateLimited, Refused, Transient
+from bot.errors import (
+    AuthFailed,
+    BadRequest,
+    Malformed,
+    ProviderError,
+    RateLimited,
+    Refused,
+    Transient,
+)
 from bot.providers.base import GenerationRequest
 from bot.providers.gemini import GeminiProvider, parse_duration, until_daily_reset
 from tests.fake_gemini import DEFAULT_KEY, FakeGemini
@@ -390,8 +398,8 @@ async def test_accepts_snake_case_answers(fake: FakeGemini, provider: GeminiProv
         ("overloaded", Transient, None),
         ("deadline", Transient, None),
         ("html", Transient, None),
-        ("truncated", Transient, None),
-        ("empty", Transient, None),
+        ("truncated", Malformed, None),
+        ("empty", Malformed, None),
         ("missing_content", Transient, None),
         ("blocked", Refused, None),
         ("image_safety", Refused, None),

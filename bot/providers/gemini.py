@@ -37,6 +37,7 @@ import aiohttp
 from bot.errors import (
     AuthFailed,
     BadRequest,
+    Malformed,
     ModelUnavailable,
     ProviderError,
     RateLimited,
@@ -213,9 +214,9 @@ class GeminiProvider:
         try:
             payload = json.loads(raw)
         except (UnicodeDecodeError, ValueError):
-            raise Transient("gemini: the answer is not JSON") from None
+            raise Malformed("gemini: the answer is not JSON") from None
         if not isinstance(payload, dict):
-            raise Transient("gemini: the answer is not a JSON object")
+            raise Malformed("gemini: the answer is not a JSON object")
         return self._image_from(payload)
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:

@@ -36,6 +36,7 @@ import aiohttp
 from bot.errors import (
     AuthFailed,
     BadRequest,
+    Malformed,
     ModelUnavailable,
     ProviderError,
     RateLimited,
@@ -355,7 +356,7 @@ class OpenAIImagesProvider:
             raise self._error(status, raw, resp_headers)
         payload = await off_loop(len(raw), partial(self._json, raw))
         if payload is None:
-            raise Transient(f"the image API sent an unreadable body (HTTP {status})")
+            raise Malformed(f"the image API sent an unreadable body (HTTP {status})")
         if isinstance(payload, dict) and payload.get("error") and not payload.get("data"):
             # Some relays report a failure that happened mid-generation with HTTP 200.
             code = payload["error"].get("code") if isinstance(payload["error"], dict) else None
@@ -387,7 +388,7 @@ class OpenAIImagesProvider:
                         raise self._error(resp.status, raw, resp.headers)
                     payload = self._json(raw)  # a relay that ignored `stream`
                     if payload is None:
-                        raise Transient("the image API sent an unreadable body")
+                        raise Malformed("the image API sent an unreadable body")
                     return await self._images(request, payload, session, hooks, deadline)
                 buffer, seen = b"", 0
                 async for chunk in resp.content.iter_chunked(65536):
@@ -470,14 +471,22 @@ class OpenAIImagesProvider:
         if isinstance(usage, dict):
             self._record_usage(request.job_id, usage)
         images: list[GeneratedImage] = []
+        broken: Transient | None = None
         for item in items:
             if not isinstance(item, dict):
                 raise Transient("the image API sent a malformed image item")
             b64, url = item.get("b64_json"), item.get("url")
-            if isinstance(b64, str) and b64:
-                images.append(await decoded(b64, self.max_image_bytes))
-            elif isinstance(url, str) and url.startswith("data:"):
-                images.append(await decoded(url, self.max_image_bytes))
+            inline = b64 if isinstance(b64, str) and b64 else None
+            if inline is None and isinstance(url, str) and url.startswith("data:"):
+                inline = url
+            if inline is not None:
+                # One unusable image of a batch does not throw away the others, which were
+                # paid for too: a retry would buy the whole batch again. The user gets and
+                # pays for the images that came (the job records how many).
+                try:
+                    images.append(await decoded(inline, self.max_image_bytes))
+                except Transient as exc:
+                    broken = exc
             elif isinstance(url, str) and url.startswith(("https://", "http://")):
                 if hooks is not None:
                     hooks.generated()
@@ -492,6 +501,16 @@ class OpenAIImagesProvider:
                 )
             else:
                 raise Transient("the image API sent an item with neither b64_json nor url")
+        if broken is not None:
+            if not images:
+                raise broken
+            log.warning(
+                "job=%s: %d of %d images could not be used (%s); delivering the rest",
+                request.job_id,
+                len(items) - len(images),
+                len(items),
+                broken,
+            )
         return images
 
     def _record_usage(self, job_id: str, usage: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_exponential, wait_random
 
-from bot.errors import ProviderError
+from bot.errors import Malformed, ProviderError
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -64,21 +64,37 @@ class stop_when_outlasting(stop_base):
         return outlasts(exc, retry_state.upcoming_sleep, left)
 
 
+class stop_after_malformed(stop_base):
+    """Stop at the second unreadable answer of a job's stage (`Malformed`: each one was a
+    generation the provider billed); `seen` counts those before the policy took over."""
+
+    def __init__(self, seen: int = 0) -> None:
+        self.seen = seen
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        if outcome is not None and outcome.failed and isinstance(outcome.exception(), Malformed):
+            self.seen += 1
+        return self.seen >= 2
+
+
 def provider_retrying(
     attempts: int = 4,
     initial: float = 1.0,
     max_wait: float = 30.0,
     cap: float = 120.0,
     within: float | None = None,
+    malformed: int = 0,
 ) -> AsyncRetrying:
     """A tenacity policy for one job's generation stage.
 
     `within` is what is left of the stage's time: a retry whose wait, or the provider's own
     Retry-After, would not end before it is not waited for (`outlasts`): the error is raised now,
     so a job told "retry in an hour" ends as rate limited (or moves to another provider) now
-    instead of sleeping out its stage and ending as a timeout.
+    instead of sleeping out its stage and ending as a timeout. `malformed`: unreadable answers
+    the stage had before (`stop_after_malformed`).
     """
-    stop: stop_base = stop_after_attempt(attempts)
+    stop: stop_base = stop_after_attempt(attempts) | stop_after_malformed(malformed)
     if within is not None:
         stop = stop | stop_when_outlasting(within)
     return AsyncRetrying(
