@@ -30,10 +30,15 @@ _OPTIONS = {
     "size": "size",
     "seed": "seed",
 }
-_COMMAND = re.compile(r"^/([A-Za-z0-9_]+)(?:@([A-Za-z0-9_]{1,64}))?(?:\s+|$)(.*)$", re.DOTALL)
+_COMMAND = re.compile(r"^[/／]([A-Za-z0-9_]+)(?:@([A-Za-z0-9_]{1,64}))?(?:\s+|$)(.*)$", re.DOTALL)
 _OPTION = re.compile(r"^--([A-Za-z][A-Za-z0-9_-]*)(?:=(.*))?$", re.DOTALL)
-_RATIO = re.compile(r"^(\d{1,3})\s*[:x×/]\s*(\d{1,3})$")
-_DASHES = ("—", "–", "−")  # phones turn `--` into an em or en dash
+# `\d` is any script's digits (`１６`, `١٦`), which `int` reads; `²` is not one. A Chinese input
+# method types `：` (and some fonts' `∶`), `／` and `ｘ` for the ASCII ones.
+_RATIO = re.compile(r"^(\d{1,3})\s*[:：∶x×ｘ/／]\s*(\d{1,3})$")
+# Phones turn `--` into an em or en dash; a Chinese input method types `——` (Shift+minus) or
+# `－－` (full width). One or two of these before a letter start an option (one ASCII `-` not:
+# `-1` or `-ish` are words). The `--` is ASCII here, and so is the option's name (NFKC).
+_DASHED = re.compile(r"([-－﹣‐‑‒–—―−]{1,2})([^\W\d_][^=＝]*)(?:[=＝](.*))?", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +67,12 @@ def parse_command(text: str, bot_username: str | None = None) -> Command | None:
 
 
 def _normalize_dash(token: str) -> str:
-    for dash in _DASHES:
-        if token.startswith(dash) and len(token) > 1 and token[1:2].isalpha():
-            return "--" + token[1:]
-    return token
+    """`token` spelled as the option syntax reads it (`——ａｒ` → `--ar`), else as it is."""
+    match = _DASHED.fullmatch(token)
+    if match is None or match[1] == "-":
+        return token
+    value = "" if match[3] is None else "=" + match[3]
+    return "--" + unicodedata.normalize("NFKC", match[2]) + value
 
 
 def parse_ratio(value: str) -> str:
@@ -82,11 +89,10 @@ def parse_prompt(text: str, max_chars: int = 2000) -> ParsedPrompt:
     tokens = text.split()
     i = 0
     while i < len(tokens):
-        token = _normalize_dash(tokens[i])
+        match = _OPTION.match(_normalize_dash(tokens[i]))
         i += 1
-        match = _OPTION.match(token)
         if match is None:
-            words.append(token)
+            words.append(tokens[i - 1])  # a prompt word stays as typed
             continue
         raw_name, value = match[1], match[2]
         name = _OPTIONS.get(raw_name.lower())

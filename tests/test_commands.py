@@ -37,6 +37,35 @@ def test_options_in_every_spelling() -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "一只猫 ——ar 16:9",  # a Chinese input method's Shift+minus: two em dashes
+        "一只猫 －－ar 16:9",  # full-width hyphen-minus
+        "一只猫 －－ａｒ＝１６：９",  # all of it full width
+        "一只猫 —ar 16∶9",  # one em dash (a phone's), the ratio sign
+        "一只猫 –ar 16/9",
+        "一只猫 −ar １６ｘ９",
+        "一只猫 --ar 16：9",
+    ],
+)
+def test_options_typed_with_a_chinese_input_method_or_a_phone(text: str) -> None:
+    p = parse_prompt(text)
+    assert (p.prompt, p.options.aspect_ratio) == ("一只猫", "16:9")
+
+
+@pytest.mark.parametrize(
+    "text", ["a well -known fox", "a fox —的", "a fox ———ar", "-1 degrees", "——", "a — b"]
+)
+def test_dashes_that_start_no_option_stay_in_the_prompt_as_typed(text: str) -> None:
+    assert parse_prompt(text).prompt == text
+
+
+def test_a_full_width_slash_starts_a_command() -> None:
+    cmd = parse_command("／imagine 一只猫")
+    assert cmd is not None and (cmd.name, cmd.args) == ("imagine", "一只猫")
+
+
+@pytest.mark.parametrize(
     ("text", "key"),
     [
         ("", "error.empty_prompt"),
