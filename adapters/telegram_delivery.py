@@ -56,19 +56,35 @@ def _refused_as_photo(exc: TelegramError) -> bool:
 
 
 def caption_for(job: Job) -> str:
-    """The result caption as Telegram HTML: the prompt escaped and cut so the whole fits 1024."""
+    """The result caption as Telegram HTML: the prompt escaped and cut so the whole fits 1024.
+
+    Telegram counts the caption after parsing, in UTF-16 units: the escapes cost nothing, and
+    an emoji costs two, so the prompt keeps the code points whose running count fits."""
     key = "caption.random" if job.options.seed is None else "caption"
 
     def render(prompt: str) -> str:
         return t(job.lang, key, prompt=prompt, model=job.model, seed=job.options.seed, job=job.id)
 
-    prompt = job.prompt
-    text = render(prompt)
-    while len(text.encode("utf-16-le")) // 2 > CAPTION_LIMIT and prompt:
-        over = len(text.encode("utf-16-le")) // 2 - CAPTION_LIMIT
-        prompt = prompt[: max(0, len(prompt) - over - 1)]
-        text = render(prompt.rstrip() + "…")
+    text = render(job.prompt)
+    if utf16_len(text) > CAPTION_LIMIT:
+        room = CAPTION_LIMIT - utf16_len(render("")) - utf16_len("…")
+        text = render(utf16_prefix(job.prompt, room).rstrip() + "…")
     return escape_html(text)
+
+
+def utf16_len(text: str) -> int:
+    """Length as Telegram counts it: UTF-16 code units (two for an emoji)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def utf16_prefix(text: str, units: int) -> str:
+    """The longest start of `text` that is at most `units` UTF-16 code units long."""
+    used = 0
+    for i, char in enumerate(text):
+        used += 2 if ord(char) > 0xFFFF else 1
+        if used > units:
+            return text[:i]
+    return text
 
 
 def reroll_button(job_id: str, lang: str) -> Buttons:

@@ -66,15 +66,23 @@ def other_attachment(msg: Message) -> bool:
 
 
 def strip_mention(msg: Message, text: str, username: str) -> tuple[bool, str]:
-    """Whether the bot is @mentioned, and the text without the mention."""
+    """Whether the bot is @mentioned, and the text without the mention.
+
+    Cut where the entity is (its offsets count UTF-16 units), not by the name wherever it
+    appears: `@drawbot` is also the start of `@drawbotfans`."""
     kinds: list[str | None] = [MessageEntityType.MENTION]
     entities = msg.parse_entities(kinds) if msg.text else msg.parse_caption_entities(kinds)
-    found = False
-    for mention in entities.values():
-        if mention.lstrip("@").lower() == username.lower():
-            found = True
-            text = text.replace(mention, " ")
-    return found, " ".join(text.split()) if found else text
+    spans = [
+        (2 * e.offset, 2 * (e.offset + e.length))
+        for e, mention in entities.items()
+        if mention.lstrip("@").lower() == username.lower()
+    ]
+    if not spans:
+        return False, text
+    units = text.encode("utf-16-le")
+    for start, end in sorted(spans, reverse=True):
+        units = units[:start] + " ".encode("utf-16-le") + units[end:]
+    return True, " ".join(units.decode("utf-16-le").split())
 
 
 def read_message(msg: Message, username: str, bot_id: int) -> Ask:

@@ -24,6 +24,7 @@ from PIL import Image
 from telegram.ext import AIORateLimiter
 
 from adapters.telegram_adapter import TelegramAdapter
+from adapters.telegram_delivery import utf16_prefix
 from bot.app import open_core, serve
 from bot.cli import telegram_webhook
 from bot.engine import Engine
@@ -297,6 +298,23 @@ async def test_in_groups_only_imagine_mentions_and_replies_to_the_bot_count(
     # the reply to the bot's photo made that photo the reference image
     refs = [c.reference_images for c in rig.harness.provider.calls]
     assert refs[2] == (photo.files["photo"].data,) and refs[0] == refs[1] == ()
+
+
+async def test_only_the_bots_mention_is_cut_from_the_prompt(rig: Rig, tg: FakeTelegram) -> None:
+    # Entity offsets count UTF-16 units: the emoji before the mention counts two.
+    await rig.start()
+    tg.message(
+        "🦊🦊 @DrawBot foxes for @drawbotfans @drawbot", user=tg.user(7), chat=group_chat(tg)
+    )
+    await tg.wait_for("sendPhoto")
+    prompts = [r[0] for r in await rows(rig.harness, "SELECT prompt FROM jobs")]
+    assert prompts == ["🦊🦊 foxes for @drawbotfans"]
+
+
+@pytest.mark.parametrize(("units", "kept"), [(0, ""), (1, ""), (2, "🦊"), (3, "🦊a"), (4, "🦊a")])
+def test_a_text_is_cut_by_the_utf16_units_telegram_counts(units: int, kept: str) -> None:
+    assert utf16_prefix("🦊a🦊", units) == kept
+    assert utf16_prefix("🦊a🦊", 5) == "🦊a🦊"
 
 
 async def test_a_bare_mention_in_a_group_asks_for_a_prompt(rig: Rig, tg: FakeTelegram) -> None:
