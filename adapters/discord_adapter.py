@@ -21,7 +21,6 @@ from typing import Any
 import discord
 import yarl
 from discord import app_commands
-from discord.utils import escape_markdown
 
 from adapters.discord_commands import add_commands
 from adapters.discord_outbox import DiscordOutbox
@@ -35,6 +34,7 @@ from adapters.discord_parts import (
     InteractionMeta,
     RerollButton,
     TextsTranslator,
+    escape_text,
     human_bytes,
 )
 from bot.adapter import StatusUpdate
@@ -81,7 +81,7 @@ class DiscordAdapter:
         max_reference_bytes: int = MAX_REFERENCE_BYTES,
     ) -> None:
         self.engine = engine
-        self.chat = Chat(engine)
+        self.chat = Chat(engine, echo=escape_text)
         self._token = token
         self.api_url = api_url.rstrip("/")
         self.gateway_url = gateway_url
@@ -347,8 +347,8 @@ class DiscordAdapter:
         try:
             reply = await self.chat.admin(_user(interaction), target, name, args, lang)
         except UserError as exc:
-            reply = Reply(render_error(lang, exc), error=True)
-        await self._edit_original(interaction, escape_markdown(reply.text))
+            reply = Reply(_error(lang, exc), error=True)
+        await self._edit_original(interaction, reply.text)
         if reply.document is not None:
             await self._send_document(interaction, lang, *reply.document)
 
@@ -387,12 +387,12 @@ class DiscordAdapter:
                 self.chat.admit(_user(interaction), target)
                 reply = await self.chat.show(_user(interaction), target, job, lang)
             except UserError as exc:
-                reply = render_error(lang, exc)
+                reply = _error(lang, exc)
             except (DeliveryError, TimeoutError) as exc:
                 log.warning("discord: /show %s not posted (%s)", job, exc)
                 reply = t(lang, "error.generic")
         if reply != repost.shown:  # the outbox showed it before posting, as Discord needs
-            await self._edit_original(interaction, escape_markdown(reply))
+            await self._edit_original(interaction, reply)
 
     # ---- buttons (adapters.discord_parts.ButtonHandler) ------------------------------------
 
@@ -446,8 +446,9 @@ class DiscordAdapter:
 
 
 def _error(lang: str, exc: UserError) -> str:
-    """A refusal as Discord shows it: what the user typed in it (a model, a job id) literally."""
-    return escape_markdown(render_error(lang, exc))
+    """A refusal as Discord shows it: what the user typed in it (a model, a job id) literally,
+    the catalog's own words (`--n takes …`) as written."""
+    return render_error(lang, exc, escape=escape_text)
 
 
 def _lang(interaction: Inter) -> str:

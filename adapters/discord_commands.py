@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
-from discord.utils import escape_markdown
 
 from adapters.discord_parts import DrawbridgeClient, Given, Inter, text
 from bot.catalog import ModelSpec
@@ -74,10 +73,7 @@ def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: Disc
 
     @tree.command(name="jobs", description=text("menu.jobs"))
     async def jobs(interaction: Inter) -> None:
-        async def answer(user: UserRef, lang: str) -> str:
-            return escape_markdown(await chat.jobs_text(user, lang))  # prompts are echoed
-
-        await adapter.ephemeral(interaction, answer)
+        await adapter.ephemeral(interaction, chat.jobs_text)  # the chat escapes the prompts
 
     @tree.command(name="cancel", description=text("menu.cancel"))
     @app_commands.describe(job=text("discord.opt.job"))
@@ -128,7 +124,7 @@ def add_account_commands(
     @tree.command(name="history", description=text("discord.cmd.history"))
     async def history(interaction: Inter) -> None:
         async def answer(user: UserRef, lang: str) -> str:
-            return fit_lines(escape_markdown(await chat.jobs_text(user, lang, limit=25)))
+            return fit_lines(await chat.jobs_text(user, lang, limit=25))
 
         await adapter.ephemeral(interaction, answer)
 

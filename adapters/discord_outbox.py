@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import discord
-from discord.utils import escape_markdown
 
 from adapters.discord_parts import (
     DEFAULT_FILE_LIMIT,
@@ -27,6 +26,7 @@ from adapters.discord_parts import (
     batches,
     button_view,
     channel_gone,
+    escape_text,
     fit_all,
     human_bytes,
     not_permitted,
@@ -55,7 +55,7 @@ def escaped_prompt(prompt: str, limit: int) -> str:
     """
     cut = limit
     while True:
-        text = escape_markdown(shorten(prompt, cut))
+        text = escape_text(shorten(prompt, cut))
         if len(text) <= limit or cut <= 1:
             return text
         cut -= len(text) - limit

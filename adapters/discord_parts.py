@@ -1,5 +1,6 @@
 """Discord pieces the adapter is built from: the job's interaction record, persistent buttons,
-command-text localisation, Discord's error codes, and images shrunk to an upload limit."""
+command-text localisation, Discord's error codes, escaping what users typed, and images shrunk to
+an upload limit."""
 
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ ALREADY_ACKNOWLEDGED = 40060
 MISSING_ACCESS = 50001
 MISSING_PERMISSIONS = 50013
 INVALID_WEBHOOK_TOKEN = 50027
+
+
+# What Discord's markdown reads anywhere in a line: emphasis, spoilers and code; `[` opens a
+# masked link (`]`, `(` and `)` are inert without it); `<` opens `<@id>`, `<@&id>`, `<#id>`,
+# `<t:0:R>`, `</cmd:id>` and `<:emoji:id>` (`:` is inert without it); `#` and `>` make headings,
+# subtext and quotes.
+_MARKUP = re.compile(r"[\\*_~|`\[<>#]")
+# What it reads only at the start of a line: a list item, `- x` or `1. x`.
+_LIST_ITEM = re.compile(r"^(\s*)(-|\d+\.)(?=\s)", re.MULTILINE)
+
+
+def escape_text(text: str) -> str:
+    """`text` as a user typed it, never read as markup: each markdown character backslash-escaped
+    on its own, and a list marker wherever `text` could start a line (Discord hides a backslash
+    before punctuation). Not discord.py's `escape_markdown`: its masked-link pattern is greedy,
+    so a second `[label](url)` stays a live link, and it leaves mentions and timestamps alone.
+    The result can be twice as long as `text`."""
+    escaped = _MARKUP.sub(lambda m: "\\" + m[0], text)
+    return _LIST_ITEM.sub(lambda m: m[1] + m[2][:-1] + "\\" + m[2][-1], escaped)
 
 
 def token_gone(exc: discord.HTTPException) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bot.commands import parse_command, parse_job_ref, parse_prompt, readable, shorten
@@ -12,7 +13,7 @@ from bot.jobs import PLATFORMS, Request, Target, Ticket, UserRef
 from bot.operator import MAX_COUNT, parse_policy_changes
 from bot.quota import days_before
 from bot.stats import period, render_period
-from bot.texts import money, queued_text, render_error, t
+from bot.texts import ECHO_MAX, money, plain, queued_text, render_error, t
 
 COMMANDS = ("imagine", "usage", "jobs", "cancel", "models", "settings", "help", "start")
 USER_COMMANDS = ("link", "history", "show")
@@ -32,8 +33,11 @@ class Reply:
 class Chat:
     """Turns `/imagine …`, `/usage`, `/jobs`, `/cancel`, `/models`, `/help` into engine calls."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, echo: Callable[[str], str] = plain) -> None:
+        """`echo` escapes for the platform's markup what a user typed (a prompt, a name) where an
+        answer repeats it; ids the parser has checked (`_member`, job ids) need none."""
         self.engine = engine
+        self.echo = echo
 
     @property
     def platforms(self) -> frozenset[str]:
@@ -88,9 +92,10 @@ class Chat:
                 case name if name in ADMIN_COMMANDS:
                     return await self.admin(user, target, name, command.args, lang)
                 case _:
-                    return Reply(t(lang, "error.unknown_command", command=command.name), error=True)
+                    name = self.echo(shorten(command.name, ECHO_MAX))
+                    return Reply(t(lang, "error.unknown_command", command=name), error=True)
         except UserError as exc:
-            return Reply(render_error(lang, exc), error=True)
+            return Reply(render_error(lang, exc, self.echo), error=True)
 
     def admit(self, user: UserRef, target: Target) -> None:
         """Raise `NotAllowed` unless `ALLOWED_IDS` serves this user, chat or guild (or is unset).
@@ -123,7 +128,7 @@ class Chat:
                 )
             )
         except UserError as exc:
-            return Reply(render_error(lang, exc), error=True)
+            return Reply(render_error(lang, exc, self.echo), error=True)
         if ticket.cached_from is not None:
             return Reply(t(lang, "status.cached", job=ticket.job_id), ticket=ticket)
         text = queued_text(
@@ -157,7 +162,7 @@ class Chat:
                     job=job.id,
                     status=job.status.value,
                     model=job.model,
-                    prompt=shorten(job.prompt, 40),
+                    prompt=self.echo(shorten(job.prompt, 40)),
                 )
             )
         return "\n".join(lines)
@@ -240,15 +245,16 @@ class Chat:
                     if unknown:  # a typo would refuse every request in the chat
                         raise InvalidRequest("error.unknown_model", model=", ".join(unknown))
                     await engine.apply(engine.operator.set_policy(policy, actor, now), source)
-                return Reply(t(lang, "policy.show", scope=policy.scope, policy=policy.describe()))
+                scope, rules = self.echo(policy.scope), self.echo(policy.describe())
+                return Reply(t(lang, "policy.show", scope=scope, policy=rules))
 
     async def stats_text(self, lang: str) -> str:
         engine = self.engine
         today = engine.quotas.today()
         week = days_before(today, 6)
         parts = [
-            render_period(await period(engine.store, t(lang, "stats.today"), today)),
-            render_period(await period(engine.store, t(lang, "stats.week"), week)),
+            render_period(await period(engine.store, t(lang, "stats.today"), today), lang),
+            render_period(await period(engine.store, t(lang, "stats.week"), week), lang),
             t(lang, "stats.queue", queued=engine.queue_depth, running=engine.in_flight),
         ]
         return "\n".join(parts)

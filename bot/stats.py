@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bot.store import Store, UsageRow
-from bot.texts import money
+from bot.texts import money, t
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +68,18 @@ async def period(store: Store, label: str, since_day: str) -> Period:
     )
 
 
-def render_period(p: Period) -> str:
-    lines = [f"{p.label}: {p.jobs} jobs · {p.images} images · {money(p.spend)}"]
+def render_period(p: Period, lang: str) -> str:
+    """The period as `/stats` shows it, in the admin's language."""
+    spend = money(p.spend)
+    lines = [t(lang, "stats.period", label=p.label, jobs=p.jobs, images=p.images, spend=spend)]
     if p.p50 is not None and p.p95 is not None:
-        lines.append(f"  latency p50 {p.p50:.1f} s · p95 {p.p95:.1f} s")
+        lines.append(t(lang, "stats.latency", p50=f"{p.p50:.1f}", p95=f"{p.p95:.1f}"))
     for model, images, usd in p.by_model[:8]:
-        lines.append(f"  {model}: {images} images · {money(usd)}")
+        lines.append(t(lang, "stats.model", model=model, images=images, spend=money(usd)))
     if p.failures:
-        lines.append("  failures: " + ", ".join(f"{kind} {n}" for kind, n in p.failures))
-    return "\n".join(lines)
+        failures = ", ".join(f"{kind} {n}" for kind, n in p.failures)
+        lines.append(t(lang, "stats.failures", failures=failures))
+    return "\n  ".join(lines)
 
 
 def usage_csv(rows: Sequence[UsageRow]) -> bytes:

@@ -1,13 +1,14 @@
 """Every user-visible string, in English and Chinese, looked up by key.
 
 Both catalogs hold the same keys (a test fails otherwise). Texts are plain: adapters escape them
-for their markup. A missing parameter renders as `?` instead of raising, so a typo in a
+for their markup, whole or (where the catalog's words must stay as written) only the values a
+user typed, as they go in. A missing parameter renders as `?` instead of raising, so a typo in a
 parameter name can never turn an answer into a crash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -184,6 +185,10 @@ EN: dict[str, str] = {
     "stats.today": "Today",
     "stats.week": "7 days",
     "stats.queue": "Queue: {queued} waiting · {running} running",
+    "stats.period": "{label}: {jobs} jobs · {images} images · {spend}",
+    "stats.latency": "latency p50 {p50} s · p95 {p95} s",
+    "stats.model": "{model}: {images} images · {spend}",
+    "stats.failures": "failures: {failures}",
     "alert.budget": "💸 drawbridge has spent {spent} of today's {budget} budget ({percent} %).",
     "alert.budget_full": (
         "💸 drawbridge is turning requests away: today's {budget} budget is spent or held by "
@@ -355,6 +360,10 @@ ZH: dict[str, str] = {
     "stats.today": "今天",
     "stats.week": "7 天",
     "stats.queue": "队列：{queued} 个等待 · {running} 个运行中",
+    "stats.period": "{label}：{jobs} 个任务 · {images} 张图 · {spend}",
+    "stats.latency": "耗时 p50 {p50} 秒 · p95 {p95} 秒",
+    "stats.model": "{model}：{images} 张图 · {spend}",
+    "stats.failures": "失败：{failures}",
     "alert.budget": "💸 drawbridge 今天已花费 {spent}，预算 {budget}（{percent}%）。",
     "alert.budget_full": "💸 drawbridge 正在拒绝新请求：今天的预算 {budget} 已用完或被进行中的任务占用（已花费 {spent}）。",
     "alert.auth": "🔑 {provider} 的 API 拒绝了 drawbridge 的密钥。修复前该服务的任务都会失败（不向用户扣费）。",
@@ -418,7 +427,15 @@ def money(usd: float) -> str:
 ECHO_MAX = 64  # characters of a user's value an error repeats back
 
 
-def render_error(lang: str, exc: UserError) -> str:
-    """The error in the user's language; a value they typed is echoed cut short, on one line."""
-    params = {k: shorten(v, ECHO_MAX) if isinstance(v, str) else v for k, v in exc.params.items()}
+def plain(text: str) -> str:
+    """Text shown as it is: where the platform reads no markup in an answer."""
+    return text
+
+
+def render_error(lang: str, exc: UserError, escape: Callable[[str], str] = plain) -> str:
+    """The error in the user's language; a value they typed is echoed cut short, on one line,
+    and `escape`d for the platform's markup (the catalog's own words are left as written)."""
+    params = {
+        k: escape(shorten(v, ECHO_MAX)) if isinstance(v, str) else v for k, v in exc.params.items()
+    }
     return t(lang, exc.key, **params)

@@ -29,6 +29,7 @@ from aiohttp import web
 from discord.utils import escape_markdown
 from PIL import Image
 
+from adapters.discord_parts import escape_text
 from tests import test_discord as base
 from tests.conftest import Harness
 from tests.fake_discord import (
@@ -171,6 +172,24 @@ def literal(text: str, raw: str) -> None:
 
 MARKUP = ["**bold**", "__under__", "||spoiler||", "`code`", "~~strike~~", "*it*"]
 MENTIONS = "@everyone @here <@1400000000000000002> <@&1500000000000000001> <#1300000000000000001>"
+
+
+@pytest.mark.parametrize(
+    ("typed", "posted"),
+    [
+        ("[a](https://a.b) [b](https://c.d)", r"\[a](https://a.b) \[b](https://c.d)"),
+        ("<@1> <@&2> <#3> <t:0:R> </ban:4>", r"\<@1\> \<@&2\> \<\#3\> \<t:0:R\> \</ban:4\>"),
+        ("# big", r"\# big"),
+        ("-# small", r"-\# small"),
+        ("> quote", r"\> quote"),
+        ("- item", r"\- item"),
+        ("1. item", r"1\. item"),
+        (r"\*", r"\\\*"),
+        ("--ar 16:9 a - b", "--ar 16:9 a - b"),  # no markup: as typed
+    ],
+)
+def test_the_escaper_leaves_no_markup_live(typed: str, posted: str) -> None:
+    assert escape_text(typed) == posted
 
 
 # ---- prompts -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bot.errors import ErrorKind, QuotaExceeded, UserError
+from bot.stats import Period, render_period
 from bot.texts import EN, ZH, pick_lang, queued_text, render_error, t
 
 ROOT = Path(__file__).parent.parent
@@ -61,6 +62,26 @@ def test_rendering_is_safe() -> None:
     text = render_error("zh", QuotaExceeded("error.quota_images", used=20, limit=20))
     assert "20" in text and text == ZH["error.quota_images"].format(used=20, limit=20)
     assert render_error("en", UserError()) == EN["error.generic"]
+
+
+def test_an_error_escapes_the_value_it_echoes_and_not_its_own_words() -> None:
+    exc = UserError("error.bad_count", value="*" * 100, max=10)
+    text = render_error("en", exc, escape=lambda v: f"<{v}>")
+    assert text == f"--n takes a number from 1 to 10, not <{'*' * 63}…>."
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_stats_lines_are_in_the_admins_language(lang: str) -> None:
+    figures = Period("L", 3, 2, 0.5, [("demo", 2, 0.5)], [("refused", 1)], p50=1.0, p95=2.0)
+    lines = render_period(figures, lang).split("\n")
+    assert lines == [
+        t(lang, "stats.period", label="L", jobs=3, images=2, spend="$0.50"),
+        "  " + t(lang, "stats.latency", p50="1.0", p95="2.0"),
+        "  " + t(lang, "stats.model", model="demo", images=2, spend="$0.50"),
+        "  " + t(lang, "stats.failures", failures="refused 1"),
+    ]
+    if lang == "en":  # what the operator's scripts read today
+        assert lines[0] == "L: 3 jobs · 2 images · $0.50"
 
 
 def test_the_queued_line_shows_the_price_of_a_paid_model_only() -> None:
