@@ -15,7 +15,7 @@ from typing import Literal
 from telegram.error import BadRequest, Forbidden, NetworkError, TelegramError
 
 from adapters.telegram_budget import Priority
-from adapters.telegram_send import Buttons, Place, Sender, Sent, fit_text
+from adapters.telegram_send import Buttons, Place, Sender, Sent, fit_text, utf16_len, utf16_prefix
 from bot.commands import escape_html
 from bot.errors import DeliveryError
 from bot.jobs import Job, StoredImage
@@ -70,21 +70,6 @@ def caption_for(job: Job) -> str:
         room = CAPTION_LIMIT - utf16_len(render("")) - utf16_len("…")
         text = render(utf16_prefix(job.prompt, room).rstrip() + "…")
     return escape_html(text)
-
-
-def utf16_len(text: str) -> int:
-    """Length as Telegram counts it: UTF-16 code units (two for an emoji)."""
-    return len(text.encode("utf-16-le")) // 2
-
-
-def utf16_prefix(text: str, units: int) -> str:
-    """The longest start of `text` that is at most `units` UTF-16 code units long."""
-    used = 0
-    for i, char in enumerate(text):
-        used += 2 if ord(char) > 0xFFFF else 1
-        if used > units:
-            return text[:i]
-    return text
 
 
 def reroll_button(job_id: str, lang: str) -> Buttons:

@@ -53,12 +53,24 @@ warnings.filterwarnings("ignore", LEAN_WARNING, PTBUserWarning)
 
 def fit_text(text: str, limit: int = TEXT_LIMIT) -> str:
     """Cut `text` to `limit` UTF-16 code units (how Telegram counts), with an ellipsis."""
-    if len(text.encode("utf-16-le")) // 2 <= limit:
+    if utf16_len(text) <= limit:
         return text
-    out = text[: limit - 1]
-    while len(out.encode("utf-16-le")) // 2 > limit - 1:
-        out = out[:-1]
-    return out + "…"
+    return utf16_prefix(text, limit - 1) + "…"
+
+
+def utf16_len(text: str) -> int:
+    """Length as Telegram counts it: UTF-16 code units (two for an emoji)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def utf16_prefix(text: str, units: int) -> str:
+    """The longest start of `text` that is at most `units` UTF-16 code units long."""
+    used = 0
+    for i, char in enumerate(text):
+        used += 2 if ord(char) > 0xFFFF else 1
+        if used > units:
+            return text[:i]
+    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from PIL import Image
 from telegram.ext import AIORateLimiter
 
 from adapters.telegram_adapter import TelegramAdapter
-from adapters.telegram_delivery import utf16_prefix
+from adapters.telegram_send import utf16_prefix
 from bot.app import open_core, serve
 from bot.cli import telegram_webhook
 from bot.engine import Engine
