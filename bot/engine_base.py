@@ -11,7 +11,7 @@ from typing import Any
 from bot.adapter import Adapter
 from bot.catalog import Catalog
 from bot.engine_config import EngineConfig
-from bot.errors import ErrorKind, ProviderError
+from bot.errors import ErrorKind, ModelUnavailable, ProviderError
 from bot.fairqueue import FairQueue
 from bot.jobs import Job, Target, UserRef
 from bot.metrics import Metrics
@@ -150,6 +150,8 @@ class EngineBase:
         if kind == ErrorKind.AUTH.value:
             log.error("provider %s rejected its API key: check the key and the account", provider)
             self.alert(f"auth:{provider}", "alert.auth", provider=provider)
+        elif isinstance(exc, ModelUnavailable):  # once a day: the catalog needs the operator
+            self.alert(f"model:{provider}", "alert.model_gone", provider=provider, error=str(exc))
 
     def breaker_changed(self, provider: str, state: BreakerState) -> None:
         if state is BreakerState.OPEN:

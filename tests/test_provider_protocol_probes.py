@@ -849,6 +849,7 @@ async def test_gemini_daily_quota_is_not_retried_within_the_day(tmp_path: Path) 
             after_second = len(fake.calls())
     assert (row["status"], row["error_kind"], row["cost_usd"]) == ("failed", "rate_limited", 0)
     assert "not charged" in text
+    assert "hours" in text, text  # until midnight Pacific, not "busy for the next 900 minutes"
     assert after_first == 1, (
         f"{after_first} calls for one job on a used-up daily quota: retried after RetryInfo's "
         f"0.05 s as if it were a per-minute limit (user told {text!r})"
@@ -890,6 +891,22 @@ async def test_a_retired_model_fails_over_to_the_familys_next_provider(
         f"{primary} no longer serving the model ended the job ({row['status']}, "
         f"{row['error_kind']}: {row['error']}; told {text!r}) instead of failing over to {other}"
     )
+
+
+async def test_a_retired_model_with_no_fallback_fails_uncharged_and_tells_the_admins_once(
+    tmp_path: Path,
+) -> None:
+    async with FakeGemini(models={}) as fake:  # the API no longer serves any model: 404
+        provider = GeminiProvider(fake.api_key, fake.base_url)
+        async with engine_for(
+            {"gemini": provider}, FLASH, tmp_path, admin_ids=frozenset({"test:boss"})
+        ) as (engine, adapter):
+            jobs = [await engine.submit(ask(FLASH)) for _ in range(2)]
+            await engine.run_until_idle()
+            rows = [await job_row(tmp_path, ticket.job_id) for ticket in jobs]
+    assert [(r["status"], r["cost_usd"]) for r in rows] == [("failed", 0)] * 2
+    alerts = [text for target, text in adapter.notices if "MODELS_FILE" in text]
+    assert len(alerts) == 1 and "gemini" in alerts[0], adapter.notices
 
 
 BROKEN_ITEMS = {
