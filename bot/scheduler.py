@@ -54,8 +54,12 @@ class Scheduler(JobRunner):
         day = self.quotas.today()
         if resume:
             self._alerted.update((key, day) for key in await self.store.alerts_sent(day))
-        self.quotas.load(day, await self.store.day_totals(day))
-        self.quotas.load_scopes(day, await self.store.scope_totals(day))
+        # Today's totals, and those of the days the resumed jobs were reserved on (a job queued
+        # before midnight settles, or fails over, against its own day's limits, not against
+        # an empty tally of that day).
+        for each in sorted({day} | {job.day for job in unfinished if job.day < day})[-2:]:
+            self.quotas.load(each, await self.store.day_totals(each))
+            self.quotas.load_scopes(each, await self.store.scope_totals(each))
         undelivered = (
             await self.store.undelivered_jobs(self.config.deliver_attempts) if resume else []
         )
