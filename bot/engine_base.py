@@ -201,9 +201,11 @@ class EngineBase:
             return  # a job of yesterday's settling now: that budget has no one to warn
         spent = self.quotas.charged_total(day)
         amounts = {"spent": money(spent), "budget": money(budget)}
+        # Each alert once a day for each budget: one raised (and the bot restarted) warns again.
+        of = f"{budget:g}"
         if refusing and spent < budget - 1e-9:  # (all of it spent: the 100 % mark says so)
-            self.alert("budget:full", "alert.budget_full", **amounts)
+            self.alert(f"budget:full:{of}", "alert.budget_full", **amounts)
         for mark in (100, 80):
             if spent >= budget * mark / 100 - 1e-9:
-                self.alert(f"budget:{mark}", "alert.budget", percent=mark, **amounts)
+                self.alert(f"budget:{mark}:{of}", "alert.budget", percent=mark, **amounts)
                 return
