@@ -18,7 +18,7 @@ from adapters.batch_adapter import BatchAdapter
 from bot.app import open_core
 from bot.commands import ParsedPrompt, parse_prompt, parse_ratio
 from bot.errors import QueueFull, SettingsError, UserError
-from bot.jobs import Request, Target, UserRef
+from bot.jobs import BATCH_PLATFORM, Request, Target, UserRef
 from bot.logs import setup_logging
 from bot.settings import Settings
 from bot.texts import render_error, t
@@ -146,7 +146,7 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
                     parsed = parse_line(text, defaults, args, engine.config.max_prompt_chars)
                     request = Request(
                         user=user,
-                        target=Target("cli", chat_id=str(line_no)),
+                        target=Target(BATCH_PLATFORM, chat_id=str(line_no)),
                         prompt=parsed.prompt,
                         options=parsed.options,
                         model=parsed.model,

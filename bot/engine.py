@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import time
 from collections import deque
@@ -50,6 +51,8 @@ from bot.validate import check_references, validate_request
 __all__ = ["Engine", "EngineConfig", "Usage", "new_job_id", "result_cache_key"]
 
 log = logging.getLogger("drawbridge.engine")
+
+OUTSIDE_EVERY = 1.0  # seconds: how stale the other process's spend may be at a submit
 
 
 class Engine(OperatorControls):
@@ -98,6 +101,11 @@ class Engine(OperatorControls):
         self._cancelled: set[str] = set()
         self._ending: set[str] = set()
         self._link_tries: dict[str, list[float]] = {}
+        # The other side of the data dir (see `_see_outside`): `drawbridge generate`'s jobs for
+        # the bot, the bot's for a batch; what they held or spent when this engine started.
+        self._batch = False
+        self._outside_base: dict[str, float] = {}
+        self._outside_seen = -math.inf
         self._background: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -152,6 +160,8 @@ class Engine(OperatorControls):
             hit = await self.store.cached_result(cache_key, self.clock() - cfg.result_cache_ttl)
             if hit is not None:
                 return await self._serve_cached(request, account, hit[0], hit[1])
+        if cfg.limits.budget_usd:
+            await self._see_outside()
         now = self.clock()
         day = self.quotas.day_of(now)
         cost = spec.cost(options.n, options.size)
@@ -215,6 +225,25 @@ class Engine(OperatorControls):
             "→ job=%s user=%s model=%s n=%d pos=%d", job.id, user, spec.name, options.n, position
         )
         return Ticket(job.id, position, spec.name, options.n, cost)
+
+    async def _see_outside(self) -> None:
+        """Count what the other process on this data dir spends today against the budget.
+
+        `drawbridge generate` runs beside the bot on the same database, each with its own
+        tally: the budget held for neither's spend but its own (a batch that spent the day's
+        budget left the bot taking more). What the other side holds or has spent, past what was
+        loaded at start, is read again when a submit finds it over a second old.
+        """
+        moment = time.monotonic()
+        if moment - self._outside_seen < OUTSIDE_EVERY:
+            return
+        self._outside_seen = moment
+        day = self.quotas.today()
+        try:
+            spend = await self.store.spend_of_batches(day, batches=not self._batch)
+        except sqlite3.Error:
+            return  # the last figure stands; the submit's own write will say what is wrong
+        self.quotas.set_outside(day, spend - self._outside_base.get(day, 0.0))
 
     async def cancel(self, user: UserRef, job_id: str | None = None) -> Job:
         """Cancel a queued job (refunded) or abandon a running one (result discarded, refunded)."""

@@ -54,6 +54,8 @@ class EngineBase:
     _cancelled: set[str]
     _ending: set[str]  # jobs whose end (`_finish`) one caller has claimed
     _link_tries: dict[str, list[float]]  # user → when they tried a wrong link code
+    _batch: bool  # a `drawbridge generate` engine (`start(resume=False)`)
+    _outside_base: dict[str, float]  # day → the other process's spend when this one loaded it
     _background: set[asyncio.Task[None]]
     _wakeup: asyncio.Event
     _idle: asyncio.Event

@@ -7,6 +7,7 @@ from enum import StrEnum
 from pathlib import Path
 
 PLATFORMS = frozenset({"telegram", "discord", "console", "cli"})  # where users come from
+BATCH_PLATFORM = "cli"  # `drawbridge generate`, a process of its own beside the bot
 
 
 class JobStatus(StrEnum):

@@ -57,6 +57,9 @@ class Quotas:
         self._charged: dict[str, float] = {}  # charged only, per day: what was spent
         self._scopes: dict[tuple[str, str], int] = {}
         self._day_names: dict[str, str] = {}  # (chat or guild scope, day) → images
+        # What another process on the data dir (`drawbridge generate`, or the bot beside it) has
+        # held or spent since this one loaded the day: counted against the budget too.
+        self._outside: dict[str, float] = {}
 
     def today(self) -> str:
         return self.day_of(self._clock())
@@ -78,6 +81,9 @@ class Quotas:
     def load_scopes(self, day: str, totals: dict[str, int]) -> None:
         for scope, images in totals.items():
             self._scopes[(scope, day)] = self._scopes.get((scope, day), 0) + images
+
+    def set_outside(self, day: str, usd: float) -> None:
+        self._outside[day] = usd
 
     def release_scope(self, scope: str, day: str, images: int) -> None:
         key = (scope, day)
@@ -127,7 +133,8 @@ class Quotas:
         tally = users.get(user) or _Tally()
         lim = self.limits
         # The operator's budget caps the whole bot's bill: admins (and the batch CLI) too.
-        if lim.budget_usd and self._totals.get(day, 0.0) + usd > lim.budget_usd + _EPS:
+        total = self._totals.get(day, 0.0) + self._outside.get(day, 0.0)
+        if lim.budget_usd and total + usd > lim.budget_usd + _EPS:
             raise BudgetExceeded()
         if not exempt:
             image_limit = lim.user_images + extra_images if lim.user_images else 0
@@ -173,6 +180,7 @@ class Quotas:
                     self._days.pop(day, None)
                     self._totals.pop(day, None)
                     self._charged.pop(day, None)
+                    self._outside.pop(day, None)
                     for key in [k for k in self._scopes if k[1] == day]:
                         del self._scopes[key]
         if len(self._day_names) > len(self._days) + 1:  # the interned names of days gone

@@ -57,9 +57,13 @@ class Scheduler(JobRunner):
         # Today's totals, and those of the days the resumed jobs were reserved on (a job queued
         # before midnight settles, or fails over, against its own day's limits, not against
         # an empty tally of that day).
+        self._batch = not resume
         for each in sorted({day} | {job.day for job in unfinished if job.day < day})[-2:]:
             self.quotas.load(each, await self.store.day_totals(each))
             self.quotas.load_scopes(each, await self.store.scope_totals(each))
+            if self.quotas.limits.budget_usd:  # counted now: later, only what it adds
+                outside = await self.store.spend_of_batches(each, batches=resume)
+                self._outside_base[each] = outside
         undelivered = (
             await self.store.undelivered_jobs(self.config.deliver_attempts) if resume else []
         )

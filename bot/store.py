@@ -18,7 +18,7 @@ from bot.dbwriter import GroupWriter, Op
 from bot.image_files import make_dirs, unlink_all, write_files
 from bot.images import extension_for
 from bot.job_rows import JOB_COLUMNS, insert_job_op, row_to_job
-from bot.jobs import GeneratedImage, Job, StoredImage, Target, UserRef
+from bot.jobs import BATCH_PLATFORM, GeneratedImage, Job, StoredImage, Target, UserRef
 from bot.migrations import migrate
 from bot.offload import Offloader
 from bot.operator import Blocklist, Operator, scope_of
@@ -308,6 +308,19 @@ class Store:
             DayTotals(str(r[0]), int(r[1] or 0), float(r[2] or 0.0), float(r[3] or 0.0))
             for r in rows
         ]
+
+    async def spend_of_batches(self, day: str, *, batches: bool) -> float:
+        """Dollars held or spent on `day` by `drawbridge generate`'s jobs (`batches`), or by
+        everyone else's: what the process on the other side of the data dir has taken."""
+        rows = list(
+            await self._rdb.execute_fetchall(
+                "SELECT SUM(CASE WHEN status = 'succeeded' THEN cost_usd ELSE reserved_usd END) "
+                "FROM jobs WHERE day = ? AND status IN ('queued','running','succeeded') "
+                f"AND cached_from IS NULL AND platform {'=' if batches else '!='} ?",
+                (day, BATCH_PLATFORM),
+            )
+        )
+        return float(rows[0][0] or 0.0) if rows else 0.0
 
     async def scope_totals(self, day: str) -> dict[str, int]:
         """Images held or made per chat (and Discord guild) on `day`, for per-chat limits."""
