@@ -19,6 +19,7 @@ from bot.app import open_core
 from bot.commands import ParsedPrompt, parse_prompt, parse_ratio
 from bot.errors import QueueFull, SettingsError, UserError
 from bot.jobs import BATCH_PLATFORM, Request, Target, UserRef
+from bot.locks import holding_batch
 from bot.logs import setup_logging
 from bot.settings import Settings
 from bot.texts import render_error, t
@@ -127,46 +128,48 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
         "max_pending_per_user": settings.queue_max,
     }
     started = time.monotonic()
-    async with open_core(settings, **overrides) as core:
-        engine = core.engine
-        with Progress(
-            TextColumn("[bold]generating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("generate", total=len(prompts))
-            jobs: list[str] = []
-            adapter = BatchAdapter(args.out, progress, task)
-            engine.register(adapter)
-            await engine.start(resume=False)
-            for line_no, text in prompts:
-                try:
-                    parsed = parse_line(text, defaults, args, engine.config.max_prompt_chars)
-                    request = Request(
-                        user=user,
-                        target=Target(BATCH_PLATFORM, chat_id=str(line_no)),
-                        prompt=parsed.prompt,
-                        options=parsed.options,
-                        model=parsed.model,
-                    )
-                    while True:
-                        try:
-                            jobs.append((await engine.submit(request)).job_id)
-                            break
-                        except QueueFull:
-                            await asyncio.sleep(0.05)  # the queue is the back-pressure
-                except UserError as exc:
-                    reason = render_error("en", exc)
-                    adapter.result.failures.append((f"line {line_no}", reason))
-                    progress.console.print(echo(f"line {line_no}: {reason}"), highlight=False)
-                    progress.advance(task)
-            await engine.run_until_idle()
-        result = adapter.result
-        # What the ledger charged, even for a job whose files could not be copied to --out.
-        rows = [await engine.store.get_job(job_id) for job_id in jobs]
-        result.cost_usd = sum(row.cost_usd for row in rows if row is not None)
+    # A bot that starts meanwhile leaves this batch's jobs to it (`bot.locks`).
+    with holding_batch(settings.data_dir):
+        async with open_core(settings, **overrides) as core:
+            engine = core.engine
+            with Progress(
+                TextColumn("[bold]generating"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                task = progress.add_task("generate", total=len(prompts))
+                jobs: list[str] = []
+                adapter = BatchAdapter(args.out, progress, task)
+                engine.register(adapter)
+                await engine.start(resume=False)
+                for line_no, text in prompts:
+                    try:
+                        parsed = parse_line(text, defaults, args, engine.config.max_prompt_chars)
+                        request = Request(
+                            user=user,
+                            target=Target(BATCH_PLATFORM, chat_id=str(line_no)),
+                            prompt=parsed.prompt,
+                            options=parsed.options,
+                            model=parsed.model,
+                        )
+                        while True:
+                            try:
+                                jobs.append((await engine.submit(request)).job_id)
+                                break
+                            except QueueFull:
+                                await asyncio.sleep(0.05)  # the queue is the back-pressure
+                    except UserError as exc:
+                        reason = render_error("en", exc)
+                        adapter.result.failures.append((f"line {line_no}", reason))
+                        progress.console.print(echo(f"line {line_no}: {reason}"), highlight=False)
+                        progress.advance(task)
+                await engine.run_until_idle()
+            result = adapter.result
+            # What the ledger charged, even for a job whose files could not be copied to --out.
+            rows = [await engine.store.get_job(job_id) for job_id in jobs]
+            result.cost_usd = sum(row.cost_usd for row in rows if row is not None)
     seconds = time.monotonic() - started
     report.print(
         t(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
 import logging
 import os
@@ -158,10 +157,11 @@ def _run_command(settings: Settings, console: bool) -> int:
 async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
     from adapters.console_adapter import ConsoleAdapter
     from bot.app import open_core, serve
+    from bot.locks import exclusive
     from bot.texts import pick_lang
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(settings.data_dir):
+    with exclusive(settings.data_dir):
         async with open_core(settings) as core:
             services: list[Service] = []
             http = None
@@ -289,29 +289,6 @@ class _Opened:
 
     async def close(self) -> None:
         await self.server.close()
-
-
-class _exclusive:
-    """One bot process per data dir: two engines on one queue would run each job twice."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "drawbridge.lock"
-        self._fd: int | None = None
-
-    def __enter__(self) -> None:
-        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise SettingsError(
-                f"DRAWBRIDGE_DATA_DIR: another drawbridge is already running on {self.path.parent}"
-            ) from None
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
 
 
 async def _usage(settings: Settings, fmt: str, days: int | None) -> int:

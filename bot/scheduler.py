@@ -10,7 +10,8 @@ from dataclasses import replace
 from bot.engine_config import UPDATE_STATUS
 from bot.errors import ErrorKind
 from bot.job_runner import JobRunner
-from bot.jobs import Job, JobStatus
+from bot.jobs import BATCH_PLATFORM, Job, JobStatus
+from bot.locks import batch_running
 
 log = logging.getLogger("drawbridge.engine")
 
@@ -30,6 +31,9 @@ class Scheduler(JobRunner):
         if resume:
             self.operator = await self.store.load_operator(self.operator.blocklist)
         unfinished = await self.store.unfinished_jobs() if resume else []
+        if unfinished and batch_running(self.store.data_dir):
+            # A live `drawbridge generate` runs its own jobs: resumed here too, each ran twice.
+            unfinished = [job for job in unfinished if job.target.platform != BATCH_PLATFORM]
         for job in unfinished:
             # Held against the account its user belongs to now, as `day_totals` counts it (a
             # /link since it was queued moved it there).
