@@ -290,7 +290,7 @@ class Engine(OperatorControls):
             user=user,
             target=target or job.target,
             prompt=job.prompt,
-            options=job.options,
+            options=replace(job.options, n=job.requested or job.options.n),
             model=job.model,
             reference_images=refs,
             lang=job.lang,

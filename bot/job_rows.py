@@ -12,14 +12,14 @@ JOB_COLUMNS = (
     "id, platform, user_id, chat_id, thread_id, reply_to, guild_id, target_meta, status_message_id, "
     "lang, prompt, model, provider, n_images, aspect_ratio, size, seed, refs, status, day, admin, "
     "reserved_usd, cost_usd, error, error_kind, task_id, created_at, started_at, finished_at, "
-    "delivered_at, parent_id, account, cache_key, cached_from"
+    "delivered_at, parent_id, account, cache_key, cached_from, n_requested"
 )
 
 
 def insert_job_op(job: Job) -> Op:
     t, o = job.target, job.options
     return (
-        f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 34)})",
+        f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 35)})",
         (
             job.id,
             job.user.platform,
@@ -55,6 +55,7 @@ def insert_job_op(job: Job) -> Op:
             job.account or None,
             job.cache_key,
             job.cached_from,
+            job.requested or o.n,
         ),
     )
 
@@ -90,6 +91,7 @@ def row_to_job(r: Any) -> Job:
         admin=bool(r["admin"]),
         reference_paths=tuple(json.loads(r["refs"])),
         task_id=r["task_id"],
+        requested=r["n_requested"],
         cost_usd=r["cost_usd"],
         error=r["error"],
         error_kind=r["error_kind"],

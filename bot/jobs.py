@@ -124,6 +124,7 @@ class Job:
     account: str = ""  # the quota account (a linked identity's), "" = the user itself
     cache_key: str | None = None  # identical requests share it (the result cache)
     cached_from: str | None = None  # served, free, from this earlier job's images
+    requested: int | None = None  # images asked for, once `options.n` says how many were made
 
     @property
     def n_images(self) -> int:

@@ -177,6 +177,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX jobs_untold_done ON jobs(delivered_at) "
         "WHERE told_at IS NULL AND status = 'succeeded' AND delivered_at IS NOT NULL",
     ),
+    (
+        # v8: the images a job asked for, beside `n_images`, the images it made: a reroll asks
+        # for what the user asked, not for the three an n=4 job happened to make.
+        "ALTER TABLE jobs ADD COLUMN n_requested INTEGER",
+        "UPDATE jobs SET n_requested = n_images",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

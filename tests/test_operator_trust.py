@@ -53,6 +53,7 @@ from bot.routing import Router
 from bot.settings import load_settings
 from bot.store import Store
 from tests.conftest import Clock, Harness
+from tests.conftest import request as a_request
 from tests.fakes import RecordingAdapter, ScriptedProvider
 
 TZ = "Asia/Tokyo"  # UTC+9: a quota day that is not the UTC day
@@ -804,3 +805,25 @@ async def test_a_bot_starting_beside_a_live_batch_leaves_the_batchs_jobs_to_it(
         await bot.close()
     after = await harness.engine()  # no batch alive: its job is a dead batch's
     assert ticket.job_id in after._jobs
+
+
+class _ShortProvider(ScriptedProvider):
+    """Makes one image fewer than asked (as a provider whose batch lost one)."""
+
+    async def generate(self, request: GenerationRequest, hooks: JobHooks) -> list[GeneratedImage]:
+        images = await super().generate(request, hooks)
+        return images[: max(1, len(images) - 1)]
+
+
+async def test_a_reroll_asks_for_the_images_the_user_asked_for_not_those_made(
+    harness: Harness,
+) -> None:
+    harness.provider = _ShortProvider()
+    engine = await harness.engine()
+    first = await engine.submit(a_request(n=4, model="paid"))
+    await engine.run_until_idle()
+    made = await engine.store.get_job(first.job_id)
+    assert made is not None and made.options.n == 3 and made.cost_usd == pytest.approx(1.5)
+    again = await engine.reroll(UserRef("test", "alice"), first.job_id)
+    assert again.n_images == 4 and again.reserved_usd == pytest.approx(2.0)
+    await engine.run_until_idle()
