@@ -31,6 +31,8 @@ from bot.texts import t
 
 log = logging.getLogger("drawbridge.engine")
 
+DELIVER_BACKOFF_MAX = 15.0  # seconds between a result's delivery tries, at most
+
 
 class JobRunner(EngineBase):
     """The life of a job once the scheduler has started it."""
@@ -280,13 +282,23 @@ class JobRunner(EngineBase):
         await self._deliver(job, await self.store.images_for(job.id))
 
     async def _deliver(self, job: Job, images: Sequence[StoredImage]) -> None:
-        """Post the result, retrying a few times; record the message id so it is never re-sent."""
+        """Post the result; record the message id so it is never re-sent.
+
+        A platform that refuses it for good (blocked, gone) ends it at once. Any other failure is
+        tried again, `deliver_attempts` times at least and for as long as `deliver_timeout`
+        lasts from the first try, the waits doubling up to `DELIVER_BACKOFF_MAX`: the Bot API away
+        for a minute loses no result (three tries in three seconds gave it up to /show).
+        """
         adapter = self.adapters.get(job.target.platform)
         if adapter is None:
             log.warning("job=%s: no %s adapter to deliver to; kept", job.id, job.target.platform)
             return
         delay = self.config.deliver_backoff
-        for attempt in range(1, self.config.deliver_attempts + 1):
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.config.deliver_timeout
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 async with asyncio.timeout(self.config.deliver_timeout):
                     ref = await adapter.deliver(job, images)
@@ -299,13 +311,14 @@ class JobRunner(EngineBase):
                     )
                 )
                 log.warning("job=%s delivery attempt %d failed: %s", job.id, attempt, exc)
-                if permanent or attempt == self.config.deliver_attempts:
+                spent = attempt >= self.config.deliver_attempts and loop.time() + delay > until
+                if permanent or spent:
                     self.metrics.deliveries.labels(job.target.platform, "failed").inc()
                     # The images are stored: the status says so, and how to have them again.
                     await self._emit(job, StatusKind.FAILED, "status.undelivered")
                     return
                 await asyncio.sleep(delay)
-                delay *= 2
+                delay = min(delay * 2, DELIVER_BACKOFF_MAX)
             else:
                 now = self.clock()
                 # The result is the news, and it is out; an adapter that confirms its "done"

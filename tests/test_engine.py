@@ -335,7 +335,7 @@ async def test_a_result_that_cannot_be_posted_says_so_and_how_to_get_it(
     # not take them, and the status message says where to have them again.
     harness.adapter.fail_deliveries = 10
     harness.adapter.permanent_failure = permanent
-    engine = await harness.engine()
+    engine = await harness.engine(deliver_timeout=0.3)  # the platform away for longer than that
     ticket = await engine.submit(request())
     await engine.run_until_idle()
     assert harness.adapter.delivered(ticket.job_id) == 0
@@ -443,7 +443,7 @@ async def test_restart_resumes_a_submitted_task_instead_of_paying_again(harness:
 
 async def test_restart_delivers_generated_but_undelivered_images(harness: Harness) -> None:
     harness.adapter.fail_deliveries = 1
-    first = await harness.engine(deliver_attempts=1)
+    first = await harness.engine(deliver_attempts=1, deliver_timeout=0.01)  # given up at once
     ticket = await first.submit(request())
     await first.run_until_idle()
     assert harness.adapter.delivered(ticket.job_id) == 0
