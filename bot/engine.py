@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from bot.adapter import Adapter
@@ -101,6 +102,7 @@ class Engine(OperatorControls):
         self._cancelled: set[str] = set()
         self._ending: set[str] = set()
         self._link_tries: dict[str, list[float]] = {}
+        self._posting: set[asyncio.Task[Any]] = set()
         # The other side of the data dir (see `_see_outside`): `drawbridge generate`'s jobs for
         # the bot, the bot's for a batch; what they held or spent when this engine started.
         self._batch = False

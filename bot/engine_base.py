@@ -57,6 +57,7 @@ class EngineBase:
     _batch: bool  # a `drawbridge generate` engine (`start(resume=False)`)
     _outside_base: dict[str, float]  # day → the other process's spend when this one loaded it
     _background: set[asyncio.Task[None]]
+    _posting: set[asyncio.Task[Any]]  # tasks handing a result to the platform right now
     _wakeup: asyncio.Event
     _idle: asyncio.Event
     _scheduler: asyncio.Task[None] | None

@@ -9,7 +9,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import replace
 
-from bot.adapter import StatusKind, StatusUpdate
+from bot.adapter import Adapter, StatusKind, StatusUpdate
 from bot.catalog import ModelSpec
 from bot.engine_base import EngineBase
 from bot.errors import (
@@ -300,8 +300,7 @@ class JobRunner(EngineBase):
         while True:
             attempt += 1
             try:
-                async with asyncio.timeout(self.config.deliver_timeout):
-                    ref = await adapter.deliver(job, images)
+                ref = await self._post(adapter, job, images)
             except (DeliveryError, TimeoutError, OSError) as exc:
                 permanent = isinstance(exc, DeliveryError) and exc.permanent
                 await self.store.write(
@@ -337,6 +336,20 @@ class JobRunner(EngineBase):
                 log.info("✓ job=%s delivered to %s as %s", job.id, job.target.platform, ref)
                 self.metrics.total_seconds.observe(max(0.0, now - job.created_at))
                 return
+
+    async def _post(self, adapter: Adapter, job: Job, images: Sequence[StoredImage]) -> str:
+        """One try at handing the result to the platform. A graceful stop lets a try in flight
+        end (`close`): cut off, the platform may have the photo while its message id is never
+        recorded, and the next start posts it again."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._posting.add(task)
+        try:
+            async with asyncio.timeout(self.config.deliver_timeout):
+                return await adapter.deliver(job, images)
+        finally:
+            if task is not None:
+                self._posting.discard(task)
 
     async def _finish(
         self,

@@ -16,6 +16,7 @@ from bot.locks import batch_running
 log = logging.getLogger("drawbridge.engine")
 
 RETELL_WINDOW = 3600.0  # seconds: an end a crash left untold is told again if this recent
+POSTING_GRACE = 10.0  # seconds past SHUTDOWN_GRACE a result already on its way may take
 
 
 class Scheduler(JobRunner):
@@ -100,6 +101,11 @@ class Scheduler(JobRunner):
         pending = set(self._running.values()) | self._background
         if pending:
             _, late = await asyncio.wait(pending, timeout=self.config.shutdown_grace)
+            posting = late & self._posting
+            if posting:  # a result on its way: its answer says whether the platform has it
+                log.info("waiting for %d results being posted", len(posting))
+                await asyncio.wait(posting, timeout=POSTING_GRACE)
+                late = {task for task in late if not task.done()}
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
