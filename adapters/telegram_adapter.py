@@ -10,6 +10,7 @@ every call goes through `telegram_send`, which keeps the chats' send budgets.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -65,6 +66,7 @@ def job_message_id(job: Job) -> int | None:
 
 
 REPLAY_CHECKS = 100  # getUpdates' limit: the most updates one poll takes
+UPDATER_STOP_TIMEOUT = 2.0  # seconds PTB's updater may take to stop (its last poll)
 
 
 def derived_secret(token: str) -> str:
@@ -227,7 +229,14 @@ class TelegramAdapter:
 
     async def stop_intake(self) -> None:
         if self.app.updater is not None and self.app.updater.running:
-            await self.app.updater.stop()
+            # PTB's stop ends with one more getUpdates, to confirm the last updates taken; a
+            # Bot API that hangs held the whole stop for its read timeout. Cut short, those
+            # updates come again at the next start, which knows them (`_replayed`).
+            try:
+                async with asyncio.timeout(UPDATER_STOP_TIMEOUT):
+                    await self.app.updater.stop()
+            except TimeoutError:
+                log.warning("telegram: the Bot API did not answer the last poll; stopping anyway")
         if self.app.running:
             await self.app.stop()
         await self.albums.flush()  # the albums whose parts all came before the intake stopped

@@ -310,6 +310,8 @@ class JobRunner(EngineBase):
                     )
                 )
                 log.warning("job=%s delivery attempt %d failed: %s", job.id, attempt, exc)
+                if self._closing and not permanent:
+                    return  # stopping: the next start delivers it (`undelivered_jobs`)
                 spent = attempt >= self.config.deliver_attempts and loop.time() + delay > until
                 if permanent or spent:
                     self.metrics.deliveries.labels(job.target.platform, "failed").inc()
