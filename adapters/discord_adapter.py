@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
@@ -98,6 +99,10 @@ class DiscordAdapter:
         self._accepting = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._saved: tuple[str, yarl.URL] | None = None
+        # Set when Discord will not have the bot any more (a gateway that refused the token):
+        # the process stops with `failure` rather than run on serving nobody (`bot.cli`).
+        self.failed = asyncio.Event()
+        self.failure = ""
 
     # ---- lifecycle (bot.app.Service) -------------------------------------------------------
 
@@ -125,6 +130,12 @@ class DiscordAdapter:
             self._restore_endpoints()
             if isinstance(exc, discord.LoginFailure):
                 raise SettingsError("DISCORD_BOT_TOKEN: Discord rejected the token") from None
+            if isinstance(exc, (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError)):
+                why = f"HTTP {exc.status}" if isinstance(exc, discord.HTTPException) else exc
+                raise SettingsError(
+                    f"DISCORD_API_URL: Discord's API at {self.api_url} did not answer the login "
+                    f"({why})"
+                ) from None
             raise
         self.engine.register(self)
 
@@ -176,15 +187,27 @@ class DiscordAdapter:
         self._saved = None
 
     async def _connect(self, client: DrawbridgeClient) -> None:
+        """The gateway, reconnecting as discord.py does; what it gives up on stops the bot."""
         try:
             await client.connect(reconnect=True)
         except discord.PrivilegedIntentsRequired:
-            log.error("discord: the gateway asks for privileged intents; drawbridge needs none")
+            self._fail("the Discord gateway asks for privileged intents; drawbridge needs none")
         except discord.LoginFailure:
-            log.error("discord: the gateway rejected DISCORD_BOT_TOKEN")
-        except Exception:
+            self._fail("DISCORD_BOT_TOKEN: the Discord gateway rejected the token")
+        except discord.ConnectionClosed as exc:  # discord.py closed the client: it will not retry
+            if exc.code == 4004:
+                self._fail("DISCORD_BOT_TOKEN: the Discord gateway rejected the token (4004)")
+            else:
+                self._fail(f"the Discord gateway closed the connection for good ({exc.code})")
+        except Exception as exc:
             if not client.is_closed():
                 log.exception("discord: the gateway connection ended")
+                self._fail(f"the Discord gateway connection ended ({type(exc).__name__})")
+
+    def _fail(self, why: str) -> None:
+        log.error("discord: %s", why)
+        self.failure = why
+        self.failed.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -10,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from bot.catalog import Catalog
 from bot.engine import Engine, EngineConfig
@@ -38,6 +39,15 @@ class Service(Protocol):
     async def stop_intake(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class CanFail(Protocol):
+    """A service that can lose its platform for good (a token refused mid-run): `failed` is
+    set, `failure` says why, and `drawbridge run` stops with it."""
+
+    failed: asyncio.Event
+    failure: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,7 +156,7 @@ def _run_command(settings: Settings, console: bool) -> int:
 
 async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
     from adapters.console_adapter import ConsoleAdapter
-    from bot.app import open_core, serve
+    from bot.app import CanFail, open_core, serve
     from bot.locks import exclusive
     from bot.texts import pick_lang
 
@@ -197,9 +197,16 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
                     waits = [asyncio.create_task(stop.wait())]
                     if console_adapter is not None:
                         waits.append(asyncio.create_task(console_adapter.finished.wait()))
+                    # A platform that will not have the bot any more (`failed`, `failure`)
+                    # stops it, with the reason, rather than leave it serving nobody there.
+                    failing = [a for a in adapters if isinstance(a, CanFail)]
+                    waits += [asyncio.create_task(a.failed.wait()) for a in failing]
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     for w in waits:
                         w.cancel()
+                    failed = [a.failure for a in failing if a.failed.is_set()]
+                    if failed and not stop.is_set():
+                        raise SettingsError(failed[0])
     return 0
 
 
