@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
-from bot.catalog import Catalog
+from bot.catalog import Catalog, CatalogError
 from bot.engine import Engine, EngineConfig
 from bot.operator import Blocklist, Operator
 from bot.providers.base import Provider
@@ -161,6 +161,13 @@ async def open_core(settings: Settings, **overrides: object) -> AsyncIterator[Co
             stack.push_async_callback(provider.aclose)
         config = engine_config(settings, **overrides)
         quotas = Quotas(config.limits, settings.tz, time.time)
+        router = build_router(settings, catalog, providers)
+        spec = catalog.get(default_model)
+        if spec is not None and not router.available(spec):  # every default request refused
+            raise CatalogError(
+                f"DEFAULT_MODEL: {spec.name} is served by {spec.provider}, and "
+                f"{spec.provider.upper()}_API_KEY is not set (nor a fallback for it)"
+            )
         engine = Engine(
             store,
             catalog,
@@ -168,7 +175,7 @@ async def open_core(settings: Settings, **overrides: object) -> AsyncIterator[Co
             config,
             default_model=default_model,
             quotas=quotas,
-            router=build_router(settings, catalog, providers),
+            router=router,
             operator=Operator(blocklist=Blocklist.load(settings.blocklist_file)),
         )
         stack.push_async_callback(engine.close)
