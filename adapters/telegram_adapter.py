@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -26,7 +27,7 @@ os.environ.setdefault("PTB_TIMEDELTA", "true")
 
 from telegram import BotCommand, Message, Update
 from telegram.constants import ChatType, UpdateType
-from telegram.error import InvalidToken, TelegramError
+from telegram.error import Conflict, InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
     Application,
     ApplicationBuilder,
@@ -66,6 +67,7 @@ def job_message_id(job: Job) -> int | None:
 
 
 REPLAY_CHECKS = 100  # getUpdates' limit: the most updates one poll takes
+POLL_WARN_EVERY = 60.0  # seconds between warnings of the same kind of failed poll
 UPDATER_STOP_TIMEOUT = 2.0  # seconds PTB's updater may take to stop (its last poll)
 
 
@@ -118,6 +120,7 @@ class TelegramAdapter:
         self.started_at = time.time()
         self._replay_checks = REPLAY_CHECKS
         self._taken: set[tuple[str, str, str]] | None = None
+        self._poll_warned: dict[str, float] = {}  # kind of failed poll → when it was last said
         self.errors: deque[BaseException] = deque(maxlen=100)  # handler errors, for tests
         self.api_url = api_url = api_url.rstrip("/")
         if rate_limiter is None:
@@ -212,7 +215,9 @@ class TelegramAdapter:
             )
         elif self.app.updater is not None:
             await self.app.updater.start_polling(
-                timeout=timedelta(seconds=self.poll_timeout), allowed_updates=ALLOWED_UPDATES
+                timeout=timedelta(seconds=self.poll_timeout),
+                allowed_updates=ALLOWED_UPDATES,
+                error_callback=self._poll_failed,
             )
         me = self.app.bot
         log.info(
@@ -220,6 +225,20 @@ class TelegramAdapter:
             me.username,
             "webhook" if self.webhook_url else "polling",
         )
+
+    def _poll_failed(self, exc: TelegramError) -> None:
+        """A failed getUpdates, which PTB retries: one plain line a minute for each kind, not
+        PTB's traceback on every retry."""
+        if isinstance(exc, Conflict):
+            kind, text = "conflict", "another process is polling this bot's token (409 Conflict)"
+        elif isinstance(exc, NetworkError):
+            kind, text = "network", f"the Bot API did not answer a poll ({exc.message})"
+        else:
+            kind, text = "other", f"a poll failed ({type(exc).__name__}: {exc.message})"
+        now = time.monotonic()
+        if now - self._poll_warned.get(kind, -math.inf) >= POLL_WARN_EVERY:
+            self._poll_warned[kind] = now
+            log.warning("telegram: %s; polling again", text)
 
     def healthy(self) -> bool:
         """For /healthz: taking updates (polling, or the webhook route is live)."""
