@@ -100,6 +100,7 @@ _ADAM7 = (
     (0, 1, 1, 2),
 )
 _INFLATE_STEP = 1 << 20  # bytes of pixel data inflated at a time: the check holds no more
+_FEED_STEP = 1 << 16  # compressed bytes handed to the inflater at a time
 
 
 def _check_whole(mime: str, data: bytes, width: int, height: int) -> None:
@@ -156,10 +157,13 @@ def _png_pixel_bytes(data: bytes) -> int:
         for kind, body in _png_chunks(data):
             if kind != b"IDAT":
                 continue
-            pending: bytes | memoryview = body
-            while pending:
-                total += len(inflater.decompress(pending, _INFLATE_STEP))
-                pending = inflater.unconsumed_tail
+            # Fed in slices: what a step leaves unread comes back as a copy (`unconsumed_tail`),
+            # and of a whole 8 MB chunk that was a copy of most of it at every step.
+            for start in range(0, len(body), _FEED_STEP):
+                pending: bytes | memoryview = body[start : start + _FEED_STEP]
+                while pending:
+                    total += len(inflater.decompress(pending, _INFLATE_STEP))
+                    pending = inflater.unconsumed_tail
         while not inflater.eof and (out := inflater.decompress(b"", _INFLATE_STEP)):
             total += len(out)
     except zlib.error:
