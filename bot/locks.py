@@ -23,7 +23,7 @@ BATCH_LOCK = "drawbridge-batch.lock"
 @contextmanager
 def exclusive(data_dir: Path) -> Iterator[None]:
     """Hold the data dir for this bot; `SettingsError` if another one holds it."""
-    fd = os.open(data_dir / BOT_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(data_dir / BOT_LOCK, os.O_CREAT | os.O_RDONLY, 0o644)  # (as holding_batch)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -40,7 +40,8 @@ def exclusive(data_dir: Path) -> Iterator[None]:
 def holding_batch(data_dir: Path) -> Iterator[None]:
     """Mark a batch as running on `data_dir` while the block runs (batches share the mark)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / BATCH_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    # Read-only is enough for flock, and the file may be another user's (a `sudo` batch).
+    fd = os.open(data_dir / BATCH_LOCK, os.O_CREAT | os.O_RDONLY, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
@@ -50,10 +51,10 @@ def holding_batch(data_dir: Path) -> Iterator[None]:
 
 def batch_running(data_dir: Path) -> bool:
     """Whether a `drawbridge generate` holds `data_dir` now."""
-    path = data_dir / BATCH_LOCK
-    if not path.exists():
+    try:
+        fd = os.open(data_dir / BATCH_LOCK, os.O_RDONLY)
+    except OSError:  # none yet (or unreadable: then no batch could be told apart either)
         return False
-    fd = os.open(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
