@@ -56,6 +56,13 @@ class DayTotals:
     charged_usd: float = 0.0  # charged only
 
 
+# What a day's tallies count, in every query that rebuilds one (quotas, chat limits, the budget
+# beside another process): jobs queued, running or succeeded, not a cache hit (free); and what
+# each holds or has spent.
+COUNTED = "j.status IN ('queued','running','succeeded') AND j.cached_from IS NULL"
+HELD_OR_SPENT = "CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE j.reserved_usd END"
+
+
 class Store:
     """Jobs, images and usage, persisted. Open with `async with Store.open(dir)` or `await open`."""
 
@@ -296,11 +303,10 @@ class Store:
         """Per account: images and dollars held (queued, running) or spent (succeeded) on `day`."""
         rows = await self._rdb.execute_fetchall(
             "SELECT COALESCE(a.account, j.platform || ':' || j.user_id) AS k, SUM(j.n_images), "
-            "SUM(CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE j.reserved_usd END), "
+            f"SUM({HELD_OR_SPENT}), "
             "SUM(CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE 0 END) "
             "FROM jobs j LEFT JOIN accounts a ON a.member = j.platform || ':' || j.user_id "
-            "WHERE j.day = ? AND j.status IN ('queued','running','succeeded') "
-            "AND j.cached_from IS NULL "
+            f"WHERE j.day = ? AND {COUNTED} "
             "GROUP BY k",
             (day,),
         )
@@ -314,9 +320,8 @@ class Store:
         everyone else's: what the process on the other side of the data dir has taken."""
         rows = list(
             await self._rdb.execute_fetchall(
-                "SELECT SUM(CASE WHEN status = 'succeeded' THEN cost_usd ELSE reserved_usd END) "
-                "FROM jobs WHERE day = ? AND status IN ('queued','running','succeeded') "
-                f"AND cached_from IS NULL AND platform {'=' if batches else '!='} ?",
+                f"SELECT SUM({HELD_OR_SPENT}) FROM jobs j WHERE j.day = ? AND {COUNTED} "
+                f"AND j.platform {'=' if batches else '!='} ?",
                 (day, BATCH_PLATFORM),
             )
         )
@@ -325,10 +330,9 @@ class Store:
     async def scope_totals(self, day: str) -> dict[str, int]:
         """Images held or made per chat (and Discord guild) on `day`, for per-chat limits."""
         rows = await self._rdb.execute_fetchall(
-            "SELECT platform, chat_id, guild_id, SUM(n_images) FROM jobs "
-            "WHERE day = ? AND status IN ('queued','running','succeeded') "
-            "AND cached_from IS NULL "  # a cache hit is free: no chat's limit counts it
-            "GROUP BY platform, chat_id, guild_id",
+            "SELECT j.platform, j.chat_id, j.guild_id, SUM(j.n_images) FROM jobs j "
+            f"WHERE j.day = ? AND {COUNTED} "
+            "GROUP BY j.platform, j.chat_id, j.guild_id",
             (day,),
         )
         totals: dict[str, int] = {}
