@@ -412,13 +412,14 @@ class JobRunner(EngineBase):
         elif kind is ErrorKind.TIMEOUT:
             await self._emit(job, StatusKind.TIMEOUT, "status.timeout")
         else:
-            if kind is ErrorKind.RATE_LIMITED and retry_after is not None and retry_after > 5400:
-                hours = math.ceil(retry_after / 3600)  # a used-up daily quota, say
-                reason = t(job.lang, "reason.rate_limited_hours", hours=hours)
-            elif kind is ErrorKind.RATE_LIMITED and retry_after is not None and retry_after > 90:
-                reason = t(job.lang, "reason.rate_limited_for", minutes=math.ceil(retry_after / 60))
-            else:
-                reason = t(job.lang, f"reason.{kind.value}")
+            reason = t(job.lang, f"reason.{kind.value}")
+            if kind is ErrorKind.RATE_LIMITED and retry_after is not None and retry_after > 90:
+                if retry_after > 5400:  # a used-up daily quota, say
+                    hours = math.ceil(retry_after / 3600)
+                    reason = t(job.lang, "reason.rate_limited_hours", hours=hours)
+                else:
+                    minutes = math.ceil(retry_after / 60)
+                    reason = t(job.lang, "reason.rate_limited_for", minutes=minutes)
             await self._emit(job, StatusKind.FAILED, "status.failed", reason=reason)
         adapter = self.adapters.get(job.target.platform)
         if not getattr(adapter, "confirms_told", False):

@@ -18,6 +18,7 @@ Result URLs live two hours, so they are downloaded at once. Every failure become
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 from collections import OrderedDict, deque
@@ -411,7 +412,7 @@ class GrsaiProvider:
             log.warning("GrsAI answered 403 (%s): check GRSAI_API_KEY", msg or "no message")
             return AuthFailed(f"GrsAI refused access: {msg or 'HTTP 403'}")
         if any(hint in low for hint in MODEL_HINTS):
-            log.warning("GrsAI does not serve the model (%s): check models.toml", msg)
+            log.warning("GrsAI does not serve the model (%s): check MODELS_FILE", msg)
             return ModelUnavailable(f"GrsAI does not serve the model: {msg}")
         if status >= 400:
             return status_error(status, f"GrsAI: HTTP {status}{': ' + msg if msg else ''}", headers)
@@ -592,7 +593,7 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
     async for chunk in content.iter_any():
         buffer += chunk
         if first and len(buffer) >= 3:
-            buffer, first = buffer.removeprefix(b"\xef\xbb\xbf"), False
+            buffer, first = buffer.removeprefix(codecs.BOM_UTF8), False
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             yield line.decode("utf-8", "replace")
@@ -600,4 +601,4 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
             yield "\x00"  # not JSON: the reader treats it as a garbled line and stops
             return
     if buffer:
-        yield buffer.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace")
+        yield buffer.removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")

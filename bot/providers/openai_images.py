@@ -576,7 +576,7 @@ class OpenAIImagesProvider:
                 exc.retryable = False  # the server says another try will not help
             return exc
         if param == "model" or any(mark in marks for mark in MODEL_GONE):
-            log.warning("the image API does not serve the model (%s): check models.toml", label)
+            log.warning("the image API does not serve the model (%s): check MODELS_FILE", label)
             return ModelUnavailable(f"the image API does not serve the model ({label}): {message}")
         return BadRequest(f"the image API rejected the request ({label}): {message}".rstrip(": "))
 
