@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.fakes import LISTEN_BACKLOG
+from tests.fakes import LISTEN_BACKLOG, quick_form_headers
 
 DISCORD_EPOCH_MS = 1_420_070_400_000
 MiB = 1024 * 1024
@@ -168,6 +168,7 @@ class FakeDiscord:
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        quick_form_headers()
         app = web.Application(client_max_size=200 * MiB)
         app.router.add_get("/gw/", self._gateway)
         app.router.add_get("/attachments/{id}/{name}", self._attachment)

@@ -43,7 +43,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from PIL import Image
 
-from tests.fakes import LISTEN_BACKLOG
+from tests.fakes import LISTEN_BACKLOG, quick_form_headers
 
 DEFAULT_KEY = "sk-fake-0123456789abcdefTESTKEY"
 
@@ -220,6 +220,7 @@ class FakeOpenAI:
         return self.root + "/v1"
 
     async def __aenter__(self) -> FakeOpenAI:
+        quick_form_headers()
         app = web.Application(client_max_size=200 * 1024 * 1024)
         app.router.add_post("/v1/images/generations", self._wrap(self._generations))
         app.router.add_post("/v1/images/edits", self._wrap(self._edits))

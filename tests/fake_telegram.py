@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from tests.fakes import LISTEN_BACKLOG
+from tests.fakes import LISTEN_BACKLOG, quick_form_headers
 
 TEXT_LIMIT = 4096
 CAPTION_LIMIT = 1024
@@ -293,6 +293,7 @@ class FakeTelegram:
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> FakeTelegram:
+        quick_form_headers()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/bot{token}/{method}", self._api)
         app.router.add_get("/file/bot{token}/{path:.+}", self._download)

@@ -65,3 +65,43 @@ async def test_three_hundred_connections_at_once_wait_for_the_server_not_a_retry
             for client in clients:
                 client.close()
     assert dropped == 0
+
+
+DISPOSITIONS = [
+    'form-data; name="chat_id"',
+    'form-data; name="photo"; filename="a1b2-0.png"',
+    'form-data; name="photo"; filename="a \\"quoted\\" name.png"',
+    "form-data; name=photo; filename*=utf-8''%E2%9C%A8.png",
+    'form-data; name="caption"; name="twice"',
+    "attachment",
+    "",
+    None,
+]
+CONTENT_TYPES = [
+    "multipart/form-data; boundary=8f1e2d3c4b5a69788796a5b4c3d2e1f0",
+    "multipart/form-data;boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW",
+    'multipart/form-data; boundary="quoted boundary"',
+    "Multipart/Form-Data; boundary=abc",
+    "multipart/form-data; boundary=abc; charset=utf-8",
+    "application/json",
+    "text/plain; charset=UTF-8",
+    "nonsense",
+]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # aiohttp warns of the malformed ones
+def test_quick_form_headers_answer_as_aiohttp_does() -> None:
+    from aiohttp import helpers, multipart
+
+    from tests.fakes import quick_form_headers
+
+    quick_form_headers()
+    disposition = multipart.parse_content_disposition
+    content_type = helpers.parse_content_type
+    for header in DISPOSITIONS * 2:  # the second round comes from the cache
+        assert disposition(header) == disposition.original(header), header  # type: ignore[attr-defined]
+    first = disposition(DISPOSITIONS[1])[1]
+    first["name"] = "changed"  # a caller's copy: the next caller is not affected
+    assert disposition(DISPOSITIONS[1])[1]["name"] == "photo"
+    for raw in CONTENT_TYPES:
+        assert content_type(raw) == content_type.original(raw), raw  # type: ignore[attr-defined]
