@@ -35,6 +35,7 @@ import gc
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -72,6 +73,35 @@ class Outcome:
     done: int
     extra: dict[str, float] = field(default_factory=dict)
     methods: Counter[str] = field(default_factory=Counter)
+    cpu: Cpu | None = None
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """CPU seconds each process used during a run: where a two-core machine's time went."""
+
+    loop: float  # this process's event-loop thread (the bot's, or the naive client's)
+    threads: float  # this process's other threads (the database writer, the file pool)
+    bot_api: float  # the fake Bot API's process
+    grsai: float  # the fake GrsAI's process
+
+    @classmethod
+    async def start(cls, host: FakeHost) -> Cpu:
+        bot_api, grsai = await host.cpu()
+        return cls(time.thread_time(), time.process_time(), bot_api, grsai)
+
+    async def since(self, host: FakeHost) -> Cpu:
+        bot_api, grsai = await host.cpu()
+        loop = time.thread_time() - self.loop
+        process = time.process_time() - self.threads
+        return Cpu(loop, process - loop, bot_api - self.bot_api, grsai - self.grsai)
+
+    def line(self, makespan: float) -> str:
+        return (
+            f"CPU during the run: loop {self.loop:.2f} s ({self.loop / makespan:.0%} of the "
+            f"makespan), other threads {self.threads:.2f} s, fake Bot API {self.bot_api:.2f} s, "
+            f"fake GrsAI {self.grsai:.2f} s, on {os.cpu_count()} cores"
+        )
 
 
 def send_bound(
@@ -164,8 +194,10 @@ async def bot_run(
         messages = [
             (1000 + i % scenario.users, f"/imagine a fox number {i}") for i in range(scenario.jobs)
         ]
+        cpu = await Cpu.start(host)
         stamps = await host.push(messages)
         finished = await host.wait_results(scenario.jobs, within)
+        used = await cpu.since(host)
         calls = await host.calls()
         # The "done" edits wait for an idle budget, so they come after the last photo: let them
         # go out (until the bot is quiet for a few seconds) so the counts show a job's full cost.
@@ -184,7 +216,7 @@ async def bot_run(
         print(f"  ! the bot did not post {scenario.jobs} results within {within:g} s")
     results = [c for c in calls if c.ok and c.method in RESULTS]
     makespan = max(c.at for c in results) - stamps[0] if results and finished else math.inf
-    outcome = Outcome(makespan, len(results))
+    outcome = Outcome(makespan, len(results), cpu=used)
     outcome.methods = Counter(c.method for c in tail if c.ok)
     outcome.extra = {
         "429s": float(sum(1 for c in tail if c.code == 429)),
@@ -232,9 +264,10 @@ async def run_scenario(
         within = 4 * scenario.ideal + 2 * scenario.jobs / SEND_RATE + 60
         for _ in range(max(1, repeat)):
             gc.collect()  # each side starts without the other's garbage
-            naives.append(
-                await naive_client(host.grsai_url, host.api_key, scenario, connector_limit)
-            )
+            cpu = await Cpu.start(host)
+            naive_run = await naive_client(host.grsai_url, host.api_key, scenario, connector_limit)
+            naive_run.cpu = await cpu.since(host)
+            naives.append(naive_run)
             for label, stars in runs:
                 gc.collect()
                 await host.reset_calls()
@@ -266,8 +299,12 @@ async def run_scenario(
             f"  {name:<34} {r.done:>6} {r.makespan:>9.2f}s {ideal / r.makespan:>12.3f} "
             f"{naive.makespan / r.makespan:>9.3f} {vs_floor}{_spread(outcomes, repeat)}"
         )
+    if naive.cpu is not None:
+        lines.append(f"  naive batch: {naive.cpu.line(naive.makespan)}")
     for name, outcomes in bots.items():
         bot = _median(outcomes)
+        if bot.cpu is not None:
+            lines.append(f"  {name}: {bot.cpu.line(bot.makespan)}")
         posts = sum(bot.methods[m] for m in ("sendMessage", "sendPhoto", "sendMediaGroup"))
         counted = posts + bot.methods["editMessageText"] + bot.methods["sendDocument"]
         paid = bot.extra["paid"]

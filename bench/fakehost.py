@@ -108,7 +108,13 @@ async def _serve(conn: Connection, which: str, options: dict[str, Any]) -> None:
                 conn.send(None)
                 return
             try:
-                answer = await answer_for(fake, command, args)
+                # The CPU seconds this fake's process has used, to show what it took from a
+                # machine it shares with the process under test.
+                answer = (
+                    time.process_time()
+                    if command == "cpu"
+                    else await answer_for(fake, command, args)
+                )
             except Exception as exc:  # the parent re-raises it
                 answer = exc
             conn.send(answer)
@@ -307,3 +313,8 @@ class FakeHost:
 
     async def reset_calls(self) -> None:
         await asyncio.gather(self._tg.ask("reset"), self._grsai.ask("reset"))
+
+    async def cpu(self) -> tuple[float, float]:
+        """CPU seconds used so far by the fake Bot API's process and by the fake GrsAI's."""
+        tg, grsai = await asyncio.gather(self._tg.ask("cpu"), self._grsai.ask("cpu"))
+        return float(tg), float(grsai)
