@@ -6,6 +6,7 @@ it table by table, so it can add models or change one field of a shipped one.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -125,12 +126,12 @@ def _spec(name: str, table: Mapping[str, Any]) -> ModelSpec:
         raise bad(f"default_aspect_ratio {default_ratio!r} is not in aspect_ratios")
     if sizes and default_size not in sizes:
         raise bad(f"default_size {default_size!r} is not in sizes")
-    if spec.price_usd < 0 or any(p < 0 for p in prices.values()):
-        raise bad("prices cannot be negative")
+    if not all(math.isfinite(p) and p >= 0 for p in (spec.price_usd, *prices.values())):
+        raise bad("prices must be numbers of dollars, not negative, nan or inf")
     if not 1 <= spec.max_images <= 10:
         raise bad("max_images must be 1 to 10")
-    if spec.timeout_s <= 0:
-        raise bad("timeout_s must be positive")
+    if not (math.isfinite(spec.timeout_s) and spec.timeout_s > 0):
+        raise bad("timeout_s must be a positive number of seconds")
     return spec
 
 

@@ -167,6 +167,11 @@ class Engine(OperatorControls):
         now = self.clock()
         day = self.quotas.day_of(now)
         cost = spec.cost(options.n, options.size)
+        if not math.isfinite(cost) or cost < 0:  # a catalog built in code: no load checked it
+            log.error(
+                "model %s: price %r is not a price; its requests are refused", spec.name, cost
+            )
+            raise InvalidRequest("error.model_unavailable", model=spec.name)
         scope = scope_of(request.target)
         # Bounds and quota are checked and taken with no await in between: of many concurrent
         # submits for the last slot, exactly one passes.
@@ -287,7 +292,10 @@ class Engine(OperatorControls):
         job = await self.store.get_job(job_id)
         if job is None:
             raise JobNotFound(job=job_id)
-        refs = await self.store.load_reference_images(job.reference_paths)
+        try:
+            refs = await self.store.load_reference_images(job.reference_paths)
+        except OSError:  # deleted with the job's images (IMAGE_RETENTION_DAYS), or by hand
+            raise InvalidRequest("error.refs_gone", job=job.id) from None
         request = Request(
             user=user,
             target=target or job.target,

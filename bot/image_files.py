@@ -15,6 +15,15 @@ def unlink_all(paths: Iterable[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
+def list_files(folder: Path) -> list[str]:
+    """The names of the files in `folder` (none if it is not there)."""
+    try:
+        with os.scandir(folder) as entries:
+            return [entry.name for entry in entries if entry.is_file()]
+    except FileNotFoundError:
+        return []
+
+
 def write_files(items: Sequence[tuple[Path, bytes]]) -> None:
     """Write image files before their rows are committed.
 

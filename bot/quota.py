@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -128,6 +129,8 @@ class Quotas:
         `extra_images` is what an admin granted this user today; `scope` is the chat (or
         guild) with its own daily image limit, counted for everyone in it.
         """
+        if not math.isfinite(usd) or usd < 0:  # NaN would pass every comparison below
+            raise ValueError(f"cannot hold {usd!r} dollars")
         self._prune(day)
         users = self._days.setdefault(day, {})
         tally = users.get(user) or _Tally()
@@ -160,6 +163,8 @@ class Quotas:
         tally = self._days.get(day, {}).get(user)
         if tally is None:
             return  # a day that has rolled out of memory: nothing left to check against
+        if not math.isfinite(usd):
+            usd = 0.0  # (never held: `reserve` refuses it) `max(0, total - nan)` would be 0
         tally.images = max(0, tally.images - images)
         tally.usd = max(0.0, tally.usd - usd)
         self._totals[day] = max(0.0, self._totals.get(day, 0.0) - usd)

@@ -15,7 +15,7 @@ from typing import Any
 import aiosqlite
 
 from bot.dbwriter import GroupWriter, Op
-from bot.image_files import make_dirs, unlink_all, write_files
+from bot.image_files import list_files, make_dirs, unlink_all, write_files
 from bot.images import extension_for
 from bot.job_rows import JOB_COLUMNS, insert_job_op, row_to_job
 from bot.jobs import BATCH_PLATFORM, GeneratedImage, Job, StoredImage, Target, UserRef
@@ -394,7 +394,11 @@ class Store:
         return (jobs[0], images) if images and exists else None
 
     async def expire_images(self, before: float) -> int:
-        """Delete the image files (and rows) of jobs finished before `before`; rows stay."""
+        """Delete the image files (and rows) of jobs finished before `before`, and the reference
+        photos users sent for them; the job rows stay. Returns the images deleted."""
+        refs = await self._expire_references(before)
+        if refs:
+            log.info("deleted %d reference images of jobs that ended long ago", refs)
         rows = await self.fetch(
             "SELECT i.job_id, i.idx, i.path FROM images i JOIN jobs j ON j.id = i.job_id "
             "WHERE j.finished_at < ? LIMIT 5000",
@@ -419,6 +423,30 @@ class Store:
             *[("DELETE FROM images WHERE job_id = ? AND idx = ?", (r[0], r[1])) for r in rows]
         )
         return len(rows)
+
+    async def _expire_references(self, before: float) -> int:
+        """Delete the reference photos of jobs finished before `before`.
+
+        Found from the files there are, not from the rows: a row keeps its paths (a reroll
+        then says the photos are gone, rather than run without them), and the work is the
+        files left, not every job that ever had one.
+        """
+        names = await self._files.run(partial(list_files, self.refs_dir))
+        by_job: dict[str, list[str]] = {}
+        for name in names:
+            by_job.setdefault(name.rpartition("-")[0], []).append(name)
+        ids = list(by_job)
+        doomed: list[Path] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = await self.fetch(
+                f"SELECT id FROM jobs WHERE finished_at < ? AND id IN ({','.join('?' * len(chunk))})",
+                (before, *chunk),
+            )
+            doomed += [self.refs_dir / name for row in rows for name in by_job[str(row[0])]]
+        if doomed:
+            await self._files.run(partial(unlink_all, doomed))
+        return len(doomed)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """A read query on the reader connection (rows support index and name access)."""
