@@ -266,10 +266,25 @@ class DiscordAdapter:
         make it private afterwards: a first "ephemeral" followup would only replace the
         placeholder in public, and deleting the placeholder then would hide the answer.
         """
-        if acked is None:
+        if acked is None:  # Discord refused the ack (it came too late): no reply to edit
+            await self._refuse_in_channel(interaction, text)
             return
         try:
             await interaction.edit_original_response(content=text[:2000])
+        except discord.HTTPException as exc:
+            log.warning("discord: refusal for interaction %s not shown (%s)", interaction.id, exc)
+
+    async def _refuse_in_channel(self, interaction: Inter, text: str) -> None:
+        """The refusal as a message in the channel, mentioning the user (and nobody else), as a
+        job whose ack came too late is served: else they see only "did not respond"."""
+        if self.client is None or interaction.channel_id is None:
+            return
+        user = interaction.user.id
+        try:
+            await self.client.get_partial_messageable(interaction.channel_id).send(
+                f"<@{user}> {text}"[:2000],
+                allowed_mentions=discord.AllowedMentions(users=[discord.Object(user)]),
+            )
         except discord.HTTPException as exc:
             log.warning("discord: refusal for interaction %s not shown (%s)", interaction.id, exc)
 

@@ -45,6 +45,7 @@ log = logging.getLogger("drawbridge.discord")
 
 
 CAPTION_PROMPT_MAX = 1500  # characters of the escaped prompt in a result's caption (limit 2000)
+SETTLE_WAITS = (0.5, 1.0)  # seconds before the deferred response's edit is tried again
 
 
 def escaped_prompt(prompt: str, limit: int) -> str:
@@ -323,8 +324,11 @@ class DiscordOutbox:
         if meta is not None and self._token_alive(job.id, meta):
             uploads = await self._uploads(job, images, limit)
             webhook = self._webhook(meta)
-            await self._settle_response(job, meta)
             try:
+                if not await self._settle_response(job, meta):
+                    # Still "thinking…": a followup would become the response itself, and the
+                    # "done" edit would then take its caption and 🔄. The channel gets it.
+                    raise _Unsettled()
                 for message in self._messages(job, uploads, limit):
                     sent = await webhook.send(
                         message.content,
@@ -333,6 +337,8 @@ class DiscordOutbox:
                         wait=True,
                     )
                     posted.append(str(sent.id))
+            except _Unsettled:
+                pass
             except discord.HTTPException as exc:
                 if posted or not (token_gone(exc) or channel_gone(exc)):
                     raise _delivery_error(exc) from None
@@ -362,27 +368,39 @@ class DiscordOutbox:
         text = t(job.lang, "status.delivered", job=job.id)
         self._board.push(job.id, _Status(job, text, None, final=True, quiet=quiet), final=True)
 
-    async def _settle_response(self, job: Job, meta: InteractionMeta) -> None:
+    async def _settle_response(self, job: Job, meta: InteractionMeta) -> bool:
         """A job done before its status reached the deferred response ("thinking…", the first
         edit waits a moment; or a restart cut the edits off): edit that response first, since
         Discord turns the first followup after a defer into the response itself, and the
         "done" edit would then overwrite the result's caption and its 🔄 button. After a
-        restart this process cannot know whether it was edited: once more does no harm."""
+        restart this process cannot know whether it was edited: once more does no harm.
+
+        False when every try failed (a 429 discord.py does not wait out, a 5xx): the result
+        must not go as a followup then. A token Discord no longer takes is left to the
+        followup, which finds the same and goes to the channel."""
         if job.id in self._edited:
-            return
+            return True
         content = t(job.lang, "status.started", model=job.model, job=job.id)
-        interaction = self._live.get(job.id)
-        ref = self._status_refs.get(job.id) or job.status_message_id
-        try:
-            if interaction is not None:
-                await interaction.edit_original_response(content=content)
-            elif ref is not None and ref.startswith("w:") and ref[2:].isdigit():
-                await self._webhook(meta).edit_message(int(ref[2:]), content=content)
-            else:
-                return
-            self._edited.add(job.id)
-        except discord.HTTPException as exc:
-            log.info("discord: job=%s response not settled before its result (%s)", job.id, exc)
+        for wait in (*SETTLE_WAITS, None):
+            interaction = self._live.get(job.id)
+            ref = self._status_refs.get(job.id) or job.status_message_id
+            try:
+                if interaction is not None:
+                    await interaction.edit_original_response(content=content)
+                elif ref is not None and ref.startswith("w:") and ref[2:].isdigit():
+                    await self._webhook(meta).edit_message(int(ref[2:]), content=content)
+                else:
+                    return True
+                self._edited.add(job.id)
+                return True
+            except discord.HTTPException as exc:
+                if token_gone(exc) or unreachable(exc):
+                    return True
+                log.info("discord: job=%s response not settled before its result (%s)", job.id, exc)
+                if wait is None:
+                    return False
+                await asyncio.sleep(wait)
+        return False
 
     async def _repost(
         self, job: Job, images: Sequence[StoredImage], meta: InteractionMeta, repost: Repost
@@ -529,6 +547,10 @@ class DiscordOutbox:
             )
         else:
             log.warning("discord: %s not shown (%s %s)", what, exc.status, exc.code)
+
+
+class _Unsettled(Exception):
+    """The deferred response could not be edited before the result: it goes to the channel."""
 
 
 def _mention(job: Job) -> discord.AllowedMentions:
