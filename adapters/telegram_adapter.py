@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 # PTB 22 warns on every RetryAfter unless durations are timedeltas; our code takes either.
@@ -69,6 +70,7 @@ def job_message_id(job: Job) -> int | None:
 REPLAY_CHECKS = 100  # getUpdates' limit: the most updates one poll takes
 POLL_WARN_EVERY = 60.0  # seconds between warnings of the same kind of failed poll
 UPDATER_STOP_TIMEOUT = 2.0  # seconds PTB's updater may take to stop (its last poll)
+WEBHOOK_SEEN = 10_000  # webhook update ids remembered, so that one Telegram sends again is dropped
 
 
 def derived_secret(token: str) -> str:
@@ -121,6 +123,10 @@ class TelegramAdapter:
         self._replay_checks = REPLAY_CHECKS
         self._taken: set[tuple[str, str, str]] | None = None
         self._poll_warned: dict[str, float] = {}  # kind of failed poll → when it was last said
+        # Telegram sends a webhook update again when our 200 did not reach it in time (a slow
+        # or cut response): the same update id, the same paid /imagine. The last ones taken.
+        self._webhook_seen: set[int] = set()
+        self._webhook_order: deque[int] = deque()
         self.errors: deque[BaseException] = deque(maxlen=100)  # handler errors, for tests
         self.api_url = api_url = api_url.rstrip("/")
         if rate_limiter is None:
@@ -270,11 +276,19 @@ class TelegramAdapter:
         if not isinstance(payload, dict) or not isinstance(payload.get("update_id"), int):
             log.warning("telegram: a webhook request that is not an update was refused")
             return False
+        update_id = payload["update_id"]
+        if update_id in self._webhook_seen:
+            log.info("telegram: webhook update %s came again; taken once", update_id)
+            return True  # (a 200, so that Telegram stops sending it)
         try:
             update = Update.de_json(payload, self.app.bot)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("telegram: a webhook update PTB could not read (%s)", type(exc).__name__)
             return False
+        self._webhook_seen.add(update_id)
+        self._webhook_order.append(update_id)
+        if len(self._webhook_order) > WEBHOOK_SEEN:
+            self._webhook_seen.discard(self._webhook_order.popleft())
         await self.app.update_queue.put(update)
         return True
 
@@ -429,11 +443,12 @@ class TelegramAdapter:
         place = place_of(target)
         try:
             self.chat.admit(user, target)  # before any fetch
-            parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)
+            parsed = parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)
             refs = await fetch_reference(
                 self.app.bot,
                 msg,
                 self.reference_max_bytes,
+                allow=partial(self.engine.refuse_references, parsed.model),
                 before_download=self.intake.let_go,
                 others=others,
             )

@@ -132,21 +132,29 @@ async def fetch_reference(
     max_bytes: int,
     before_download: Callable[[], None] | None = None,
     others: Sequence[Message] = (),
+    allow: Callable[[int], None] | None = None,
 ) -> tuple[bytes, ...]:
     """The reference images, downloaded through getFile: the message's own (and those of
-    `others`, the rest of its album), else the one of the message it replies to.
-    `InvalidRequest` when one is too big, gone, or not an image.
+    `others`, the rest of its album, in the album's order), else the one of the message it
+    replies to. `InvalidRequest` when one is too big, gone, or not an image.
 
-    `before_download` hears that a download is about to start (the intake stops waiting for it).
+    `allow` hears how many there are before anything is downloaded, and raises to refuse them
+    (more than the model takes); `before_download` hears that a download is about to start
+    (the intake stops waiting for it).
     """
     if any(other_attachment(part) for part in others):
         raise InvalidRequest("error.reference_unreadable")  # a video in the album, say
-    found = [f for f in (image_file(m) for m in (msg, *others)) if f is not None]
+    # In the order they were sent ("the cat of image 1 in the room of image 2"), wherever the
+    # caption with the command is.
+    parts = sorted((msg, *others), key=lambda m: m.message_id)
+    found = [f for f in (image_file(m) for m in parts) if f is not None]
     if not found:
         replied = image_file(msg.reply_to_message)
         found = [replied] if replied is not None else []
     if not found:
         return ()
+    if allow is not None:
+        allow(len(found))
     too_big = InvalidRequest("error.reference_too_big", max_mb=max_bytes // 1_000_000)
     if any(size is not None and size > max_bytes for _, size in found):
         raise too_big  # Telegram told us the size: no download at all

@@ -14,6 +14,17 @@ MAX_SEED = 2**32 - 1
 MAX_REFERENCE_BYTES = 20_000_000
 
 
+def check_reference_count(spec: ModelSpec, count: int) -> None:
+    """Refuse `count` reference images that `spec` does not take (checked again at submit, and
+    by an adapter before it downloads them)."""
+    if not count:
+        return
+    if not spec.reference_images:
+        raise InvalidRequest("error.refs_not_supported", model=spec.name)
+    if count > spec.max_reference_images:
+        raise InvalidRequest("error.too_many_refs", model=spec.name, max=spec.max_reference_images)
+
+
 def validate_request(
     request: Request,
     catalog: Catalog,
@@ -56,12 +67,7 @@ def validate_request(
         raise InvalidRequest("error.bad_seed", value=o.seed)
     refs = request.reference_images
     if refs:
-        if not spec.reference_images:
-            raise InvalidRequest("error.refs_not_supported", model=spec.name)
-        if len(refs) > spec.max_reference_images:
-            raise InvalidRequest(
-                "error.too_many_refs", model=spec.name, max=spec.max_reference_images
-            )
+        check_reference_count(spec, len(refs))
         for data in refs:
             if len(data) > MAX_REFERENCE_BYTES or sniff_mime(data) is None:
                 raise InvalidRequest("error.reference_unreadable")
