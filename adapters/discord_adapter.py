@@ -306,6 +306,8 @@ class DiscordAdapter:
             # count too; the command's own options, where given, win.
             typed = parse_prompt(prompt, max_chars=self.engine.config.max_prompt_chars)
             options = given.over(typed.options)
+            if image is not None:  # one the model would refuse is not fetched first
+                self.engine.refuse_references(model or typed.model, 1)
             refs = (await self._reference(image),) if image is not None else ()
             request = Request(
                 user=_user(interaction),

@@ -30,6 +30,7 @@ from PIL import Image
 from tests import test_discord as base
 from tests.conftest import Harness
 from tests.fake_discord import CHANNEL_ID, USER, Call, FakeDiscord, FakeInteraction, HTTPError
+from tests.fakes import png_bytes
 from tests.test_discord import BOB, answer, buttons, close_bot, content, job_of, open_bot
 
 bot = base.bot  # the base module's fixture (fails a test on any logged ERROR); uses `fake` below
@@ -448,6 +449,17 @@ async def test_a_reference_that_is_not_a_whole_image_is_refused_before_any_charg
     acked_in_time(fake, inter)
     assert "PNG, JPEG or WebP" in text or "too large" in text, text
     assert len(text) < 300
+    assert harness.provider.calls == [] and await rows(harness) == []
+
+
+async def test_a_reference_for_a_model_that_is_not_there_is_not_fetched(
+    bot: base.Bot, fake: ProbeDiscord, harness: Harness
+) -> None:
+    att = fake.add_attachment(png_bytes(), "ref.png", "image/png")
+    inter = await fake.slash("imagine", {"prompt": "use this", "model": "nosuch", "image": att})
+    text = await asyncio.wait_for(answer(fake, inter), 6)
+    assert "There is no model called nosuch" in text, text
+    assert fake.fetched == []
     assert harness.provider.calls == [] and await rows(harness) == []
 
 
