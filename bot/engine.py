@@ -227,9 +227,11 @@ class Engine(OperatorControls):
             self.quotas.release(account, day, options.n, cost)
             self.quotas.release_scope(scope, day, options.n)
             if isinstance(exc, (sqlite3.Error, OSError)):
-                # Full disk, read-only database…: nothing was written; the user hears it plainly
-                # and the operator gets the cause.
+                # Full disk, read-only database…: no row was written; the user hears it plainly
+                # and the operator gets the cause. The photos saved for it would be kept by
+                # no row: they go.
                 log.error("cannot store a new job: %s", exc)
+                await self.store.drop_reference_images(job.id, len(request.reference_images))
                 raise StorageUnavailable() from exc
             raise
         finally:

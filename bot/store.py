@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -181,9 +182,18 @@ class Store:
 
     async def save_reference_images(self, job_id: str, images: Sequence[bytes]) -> tuple[str, ...]:
         """Keep a job's reference images on disk, so a restart can still send them."""
-        paths = [self.refs_dir / f"{job_id}-{i}" for i in range(len(images))]
+        paths = self._ref_paths(job_id, len(images))
         await self._files.run(partial(write_files, list(zip(paths, images, strict=True))))
         return tuple(str(p.relative_to(self.data_dir)) for p in paths)
+
+    async def drop_reference_images(self, job_id: str, count: int) -> None:
+        """Remove what `save_reference_images` wrote (or began to) for a job never stored."""
+        if count:
+            with contextlib.suppress(OSError):
+                await self._files.run(partial(unlink_all, self._ref_paths(job_id, count)))
+
+    def _ref_paths(self, job_id: str, count: int) -> list[Path]:
+        return [self.refs_dir / f"{job_id}-{i}" for i in range(count)]
 
     async def load_reference_images(self, paths: Sequence[str]) -> tuple[bytes, ...]:
         if not paths:

@@ -399,6 +399,27 @@ async def test_image_retention_also_removes_old_reference_photos(harness: Harnes
     assert [p.name for p in (harness.data_dir / "refs").iterdir()] == [f"{recent.job_id}-0"]
 
 
+async def test_a_new_job_the_database_refused_leaves_no_reference_photos(
+    harness: Harness,
+) -> None:
+    """A full disk refuses the row after the photos were written: no row will ever name them,
+    so they go with the refusal (else they stayed in data/refs forever)."""
+    import sqlite3
+
+    from bot.errors import StorageUnavailable
+
+    engine = await harness.engine()
+
+    async def full(job: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    engine.store.insert_job = full  # type: ignore[method-assign]
+    with pytest.raises(StorageUnavailable):
+        await engine.submit(request(model="paid", refs=(png_bytes(), png_bytes())))
+    assert list((harness.data_dir / "refs").iterdir()) == []
+    assert engine.quotas.used("test:alice", engine.quotas.today()) == (0, 0.0)
+
+
 # ---- hostile prices in the catalog --------------------------------------------------------
 
 
