@@ -187,7 +187,7 @@ class Engine(OperatorControls):
         # submits for the last slot, exactly one passes.
         if len(self._jobs) >= cfg.queue_max:
             raise QueueFull()
-        if self._active_by_user.get(user, 0) >= cfg.max_pending_per_user:
+        if self._active_by_user.get(account, 0) >= cfg.max_pending_per_user:
             raise TooManyPending(max=cfg.max_pending_per_user)
         self.quotas.reserve(
             account,

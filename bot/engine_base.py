@@ -72,14 +72,14 @@ class EngineBase:
     # ---- bookkeeping ----------------------------------------------------------------------
 
     def _hold(self, job: Job) -> None:
-        key = str(job.user)
+        key = job.quota_key  # a linked account's identities hold one count between them
         self._jobs[job.id] = job
         self._active_by_user[key] = self._active_by_user.get(key, 0) + 1
 
     def _unhold(self, job: Job) -> None:
         if self._jobs.pop(job.id, None) is None:
             return
-        key = str(job.user)
+        key = job.quota_key
         left = self._active_by_user.get(key, 1) - 1
         if left > 0:
             self._active_by_user[key] = left

@@ -45,7 +45,7 @@ class FairQueue:
 
     def push(self, job: Job, *, front: bool = False) -> None:
         """Add a job; `front` puts it first in its user's line (a resumed, already-paid task)."""
-        key = str(job.user)
+        key = job.quota_key  # one turn for a linked account, whichever platform it asks on
         jobs = self._by_user.get(key)
         if jobs is None:
             jobs = self._by_user[key] = deque()

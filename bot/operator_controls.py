@@ -90,9 +90,18 @@ class OperatorControls(Scheduler):
         await self.store.write(*ops)
         for day in (self.quotas.today(), self.quotas.day_of(now - 86400)):
             self.quotas.merge(day, old, account)
+        live = 0
         for job in moved:
             if job.id in self._jobs:
                 self._jobs[job.id] = replace(self._jobs[job.id], account=account)
+                live += 1
+        if live:  # their pending count (MAX_PENDING_PER_USER) moves with them (`_hold`)
+            left = self._active_by_user.get(old, 0) - live
+            if left > 0:
+                self._active_by_user[old] = left
+            else:
+                self._active_by_user.pop(old, None)
+            self._active_by_user[account] = self._active_by_user.get(account, 0) + live
         log.info("linked %s into account %s", joiner, account)
         return account
 

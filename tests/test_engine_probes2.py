@@ -420,6 +420,46 @@ async def test_a_new_job_the_database_refused_leaves_no_reference_photos(
     assert engine.quotas.used("test:alice", engine.quotas.today()) == (0, 0.0)
 
 
+async def test_linked_identities_share_one_pending_cap_and_one_turn(harness: Harness) -> None:
+    """MAX_PENDING_PER_USER and the queue's turns are the account's: a user linked on two
+    platforms had twice the cap and two turns in the rotation. Jobs queued before the link
+    move their count with them, so after they end nobody is left over the cap."""
+    from bot.errors import TooManyPending
+
+    assert isinstance(harness.provider, ScriptedProvider)
+    harness.provider.gate = asyncio.Event()  # every job stays queued or running
+    engine = await harness.engine(max_pending_per_user=2)
+    tg, dc = UserRef("test", "tg"), UserRef("test", "dc")
+    first = await engine.submit(request("dc", "before the link"))
+    await engine.link(dc, await engine.new_link_code(tg))
+    await engine.submit(request("tg", "one"))
+    with pytest.raises(TooManyPending):  # dc's job counts: the account has two pending
+        await engine.submit(request("tg", "two"))
+    with pytest.raises(TooManyPending):
+        await engine.submit(request("dc", "three"))
+    assert engine._active_by_user == {"test:tg": 2}
+    await engine.cancel(dc, first.job_id)
+    await engine.submit(request("dc", "after a cancel"))  # room again for the account
+    assert engine._active_by_user == {"test:tg": 2}
+    harness.provider.gate.set()
+    await engine.run_until_idle()
+    assert engine._active_by_user == {}
+
+
+async def test_a_linked_account_takes_one_turn_in_the_queue(harness: Harness) -> None:
+    """Bob's one job waits behind one of the account's, not behind one per linked platform."""
+    assert isinstance(harness.provider, ScriptedProvider)
+    gate_ = harness.provider.gate = asyncio.Event()
+    engine = await harness.engine(max_pending_per_user=5, concurrency=1)
+    tg, dc = UserRef("test", "tg"), UserRef("test", "dc")
+    await engine.link(dc, await engine.new_link_code(tg))
+    for user, prompt in [("tg", "A"), ("tg", "B"), ("dc", "C"), ("bob", "D")]:
+        await engine.submit(request(user, prompt))
+    gate_.set()
+    await engine.run_until_idle()
+    assert [c.prompt for c in harness.provider.calls] == ["A", "B", "D", "C"]
+
+
 # ---- hostile prices in the catalog --------------------------------------------------------
 
 
