@@ -294,7 +294,10 @@ class TelegramAdapter:
 
     def webhook_secret_ok(self, header: str | None) -> bool:
         """Whether `X-Telegram-Bot-Api-Secret-Token` matches the webhook's secret."""
-        return header is not None and hmac.compare_digest(header, self.webhook_secret)
+        # As bytes: on text, `compare_digest` raises for anything not ASCII (a 500 to anyone).
+        return header is not None and hmac.compare_digest(
+            header.encode(errors="surrogateescape"), self.webhook_secret.encode()
+        )
 
     async def _set_commands(self) -> None:
         for lang, code in (("en", None), ("zh", "zh")):

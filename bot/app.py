@@ -80,7 +80,10 @@ class WebhookSigner:
         return f"{self.public_url}/hooks/grsai/{job_id}/{self.secret(job_id)}"
 
     def check(self, job_id: str, secret: str) -> bool:
-        return hmac.compare_digest(self.secret(job_id), secret)
+        # As bytes: on text, `compare_digest` raises for anything not ASCII (a 500 to anyone).
+        return hmac.compare_digest(
+            self.secret(job_id).encode(), secret.encode(errors="surrogateescape")
+        )
 
 
 def engine_config(settings: Settings, **overrides: object) -> EngineConfig:

@@ -219,7 +219,7 @@ def telegram_webhook(adapter: TelegramAdapter) -> Callable[[web.Request], Awaita
             return web.Response(status=403)
         try:
             payload = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # (nested past the parser's depth)
             return web.Response(status=400)
         if not await adapter.process_webhook_update(payload):
             return web.Response(status=400)

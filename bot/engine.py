@@ -103,6 +103,9 @@ class Engine(OperatorControls):
         self._ending: set[str] = set()
         self._link_tries: dict[str, list[float]] = {}
         self._posting: set[asyncio.Task[Any]] = set()
+        # The last new job's row could not be written (a full disk, a locked database): the
+        # health check says so until a write goes through again.
+        self.storage_failing = False
         # The other side of the data dir (see `_see_outside`): `drawbridge generate`'s jobs for
         # the bot, the bot's for a batch; what they held or spent when this engine started.
         self._batch = False
@@ -231,9 +234,12 @@ class Engine(OperatorControls):
                 # and the operator gets the cause. The photos saved for it would be kept by
                 # no row: they go.
                 log.error("cannot store a new job: %s", exc)
+                self.storage_failing = True
                 await self.store.drop_reference_images(job.id, len(request.reference_images))
                 raise StorageUnavailable() from exc
             raise
+        else:
+            self.storage_failing = False
         finally:
             del self._inserting[job.id]
             written.set_result(None)  # (callbacks run later: the push below comes first)

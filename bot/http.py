@@ -6,7 +6,9 @@ starts. It runs as a service beside the adapters and closes after them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +25,7 @@ log = logging.getLogger("drawbridge.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_WEBHOOK_BYTES = 1_000_000
+HEALTH_WRITE_TIMEOUT = 2.0  # seconds the health check waits for an empty write, after a failure
 
 
 class EngineCollector(Collector):
@@ -94,12 +97,22 @@ class HttpServer:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         checks: dict[str, bool] = {}
+        engine = self.core.engine
         try:
             await self.core.store.get_job("healthz")
             checks["database"] = True
         except Exception:
             log.warning("health check: database unreadable", exc_info=True)
             checks["database"] = False
+        if checks["database"] and engine.storage_failing:
+            # New jobs' rows were refused: readable is not enough. An empty write shows
+            # whether it has cleared (a bot no request reaches would stay unwell otherwise).
+            try:
+                async with asyncio.timeout(HEALTH_WRITE_TIMEOUT):
+                    await self.core.store.flush()
+                engine.storage_failing = False
+            except (TimeoutError, sqlite3.Error, OSError):
+                checks["database"] = False
         for name, check in self.health_checks.items():
             try:
                 checks[name] = bool(check())
@@ -107,7 +120,6 @@ class HttpServer:
                 checks[name] = False
         if self.stopping:
             checks["accepting"] = False  # finishing what it has, taking nothing new
-        engine = self.core.engine
         body = {
             "ok": all(checks.values()),
             "checks": checks,
@@ -129,8 +141,8 @@ class HttpServer:
         provider = self.core.providers.get("grsai")
         try:
             payload = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # (nested past the parser's depth)
             return web.json_response({"ok": False, "error": "not JSON"}, status=400)
         if isinstance(provider, GrsaiProvider) and isinstance(payload, dict):
-            await provider.webhook_received(payload)
+            await provider.webhook_received(payload, job)
         return web.json_response({"ok": True})

@@ -60,6 +60,7 @@ CALL_TIMEOUT_S = 30.0  # one submit (poll/webhook modes) or one result poll
 MAX_BODY_BYTES = 1_000_000  # a task object is small; anything bigger is not one
 MAX_POLL_FAILURES = 3  # consecutive transient poll failures tolerated inside one attempt
 MAX_EARLY_TASKS = 256  # webhook bodies kept for tasks whose submit has not returned yet
+MAX_TASK_ID = 128  # characters; a webhook body naming a longer id is not GrsAI's
 MAX_INBOX = 64
 
 MODERATION = frozenset({"input_moderation", "output_moderation"})
@@ -116,7 +117,11 @@ class GrsaiProvider:
         self.max_image_bytes = max_image_bytes
         self.webhook_url = webhook_url
         self._inboxes: dict[str, asyncio.Queue[Task]] = {}
-        self._early: OrderedDict[str, deque[Task]] = OrderedDict()
+        self._inbox_jobs: dict[str, str] = {}  # task id → the job following it
+        # Webhook bodies for a task whose submit has not returned yet, each with the job whose
+        # signed URL it came to (None: unsigned); only while such a job's submit is in flight.
+        self._early: OrderedDict[str, deque[tuple[str | None, Task]]] = OrderedDict()
+        self._submitting: set[str] = set()  # jobs whose webhook-mode submit is in flight
 
     # -- the Provider protocol -------------------------------------------------------------
 
@@ -140,23 +145,33 @@ class GrsaiProvider:
             await self._session.close()
             self._session = None
 
-    async def webhook_received(self, payload: dict[str, Any]) -> None:
+    async def webhook_received(self, payload: dict[str, Any], job_id: str | None = None) -> None:
         """A body GrsAI POSTed to our webhook route: wake the job waiting on that task.
 
-        Bodies for a task whose submit call has not returned yet are kept briefly (bounded), since
-        GrsAI may call back before we have read its answer to the submit.
+        `job_id` is the job the route's signed URL was made for: a body naming another job's
+        task is dropped (a URL leaked for one job must not drive another's). Bodies for a task
+        whose submit call has not returned yet are kept briefly, since GrsAI may call back
+        before we have read its answer to the submit: only while that job's submit is in
+        flight, few of them, and only what a waiting job reads of them (`_news`).
         """
         task = _unwrap(payload) if isinstance(payload, dict) else None
         key = _task_id(task) if task is not None else None
-        if task is None or key is None:
+        if task is None or key is None or len(key) > MAX_TASK_ID:
             log.debug("ignored a GrsAI webhook body without a task id")
             return
+        news = _news(key, task)
         inbox = self._inboxes.get(key)
         if inbox is not None:
+            if job_id is not None and self._inbox_jobs.get(key) != job_id:
+                log.warning("GrsAI webhook for job %s named another job's task; ignored", job_id)
+                return
             with suppress(asyncio.QueueFull):
-                inbox.put_nowait(task)
+                inbox.put_nowait(news)
             return
-        self._early.setdefault(key, deque(maxlen=8)).append(task)
+        if job_id is not None and job_id not in self._submitting:
+            log.debug("ignored a GrsAI webhook body for job %s, which is not submitting", job_id)
+            return
+        self._early.setdefault(key, deque(maxlen=8)).append((job_id, news))
         self._early.move_to_end(key)
         while len(self._early) > MAX_EARLY_TASKS:
             self._early.popitem(last=False)
@@ -193,7 +208,11 @@ class GrsaiProvider:
         that is the price of these modes, which stream mode narrows to the first line.
         """
         endpoint = request.endpoint or NANO_BANANA
-        answer = await self._call(endpoint, self._body(request, hook), _budget(deadline))
+        self._submitting.add(request.job_id)
+        try:
+            answer = await self._call(endpoint, self._body(request, hook), _budget(deadline))
+        finally:
+            self._submitting.discard(request.job_id)
         data = answer.get("data")
         task_id = _task_id(data) if isinstance(data, dict) else None
         if task_id is None:
@@ -292,7 +311,7 @@ class GrsaiProvider:
         retry submit anew: two tasks billed for one job). A resumed task that is gone is gone.
         """
         loop = asyncio.get_running_loop()
-        inbox = self._open_inbox(task_id)
+        inbox = self._open_inbox(task_id, request.job_id)
         try:
             failures = 0
             wait = wait_first
@@ -329,6 +348,7 @@ class GrsaiProvider:
         finally:
             if self._inboxes.get(task_id) is inbox:
                 del self._inboxes[task_id]
+                self._inbox_jobs.pop(task_id, None)
 
     async def _wait_for_news(
         self, inbox: asyncio.Queue[Task], hooks: JobHooks, deadline: float
@@ -353,12 +373,14 @@ class GrsaiProvider:
             raise Transient("GrsAI's result answer holds no task")
         return task
 
-    def _open_inbox(self, task_id: str) -> asyncio.Queue[Task]:
+    def _open_inbox(self, task_id: str, job_id: str) -> asyncio.Queue[Task]:
         inbox: asyncio.Queue[Task] = asyncio.Queue(MAX_INBOX)
-        for task in self._early.pop(task_id, ()):
-            with suppress(asyncio.QueueFull):
-                inbox.put_nowait(task)
+        for sent_for, task in self._early.pop(task_id, ()):
+            if sent_for in (None, job_id):
+                with suppress(asyncio.QueueFull):
+                    inbox.put_nowait(task)
         self._inboxes[task_id] = inbox
+        self._inbox_jobs[task_id] = job_id
         return inbox
 
     # -- outcomes --------------------------------------------------------------------------
@@ -500,6 +522,22 @@ def _unwrap(obj: dict[str, Any]) -> Task | None:
     if "id" in obj or "status" in obj:
         return obj
     return None if "code" in obj or "msg" in obj else obj
+
+
+def _news(task_id: str, task: Task) -> Task:
+    """What a waiting job reads of a webhook body: the id, the status and the progress, each
+    small. (The outcome is always read from the result endpoint: a body only wakes the job.)"""
+    news: Task = {"id": task_id}
+    status = task.get("status")
+    if isinstance(status, str) and len(status) <= 32:
+        news["status"] = status
+    elif _is_terminal(task):  # results without a status: ended, the result endpoint says how
+        news["status"] = "succeeded"
+    progress = task.get("progress")
+    number = isinstance(progress, int | float) and not isinstance(progress, bool)
+    if number or (isinstance(progress, str) and len(progress) <= 16):
+        news["progress"] = progress
+    return news
 
 
 def _task_id(task: Task) -> str | None:
