@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 from collections.abc import Sequence
@@ -41,8 +42,7 @@ class BatchAdapter:
         names = []
         for image in images:
             suffix = f"-{image.index + 1}" if len(images) > 1 else ""
-            dest = self.out_dir / f"{stem}{suffix}{image.path.suffix}"
-            shutil.copyfile(image.path, dest)
+            dest = copy_new(image.path, self.out_dir, f"{stem}{suffix}", image.path.suffix)
             self.result.files.append(dest)
             names.append(dest.name)
         self.result.cost_usd += job.cost_usd
@@ -59,6 +59,20 @@ class BatchAdapter:
 
     async def notify(self, target: Target, text: str) -> None:
         self.progress.console.print(Text(text), highlight=False)
+
+
+def copy_new(source: Path, folder: Path, name: str, ext: str) -> Path:
+    """Copy `source` to `folder/name.ext`, or to `name.2.ext`, `name.3.ext`… when that is taken:
+    an earlier run's images in the same folder are kept, not replaced."""
+    for i in itertools.count(1):
+        dest = folder / (f"{name}{ext}" if i == 1 else f"{name}.{i}{ext}")
+        try:
+            with source.open("rb") as src, dest.open("xb") as out:
+                shutil.copyfileobj(src, out)
+        except FileExistsError:
+            continue
+        return dest
+    raise AssertionError("unreachable")
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -88,6 +88,9 @@ class ConsoleAdapter:
                 if not text:
                     continue
                 if text.lower() in QUIT:
+                    if pending := self.engine.active_jobs(self.user):
+                        jobs = ", ".join(job.id for job in pending)
+                        self.say(t(self.lang, "console.left_pending", jobs=jobs))
                     break
                 try:
                     reply = await self.chat.handle(self.user, self.target, text, lang=self.lang)

@@ -4,25 +4,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.text import Text
 
 from adapters.batch_adapter import BatchAdapter
 from bot.app import open_core
 from bot.commands import ParsedPrompt, parse_prompt, parse_ratio
+from bot.engine import Engine
 from bot.errors import QueueFull, SettingsError, UserError
-from bot.jobs import BATCH_PLATFORM, Request, Target, UserRef
+from bot.jobs import BATCH_PLATFORM, JobStatus, Request, Target, UserRef
 from bot.locks import holding_batch
 from bot.logs import setup_logging
 from bot.settings import Settings
 from bot.texts import render_error, t
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def read_prompts(args: argparse.Namespace) -> list[tuple[int, str]]:
@@ -39,7 +51,10 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[int, str]]:
         data = args.file.read_bytes()
         try:
             # utf-8-sig: a file saved by Windows Notepad starts with a BOM, not whitespace.
-            lines = data.decode("utf-8-sig").splitlines()
+            # Lines end at \n, \r\n or \r only: `splitlines` also splits at U+2028, form
+            # feeds and the like, which made one prompt two paid jobs and shifted every line
+            # number after it (the prompt's cleaning makes them spaces).
+            lines = _LINE_END.split(data.decode("utf-8-sig"))
         except UnicodeDecodeError as exc:
             line = data[: exc.start].count(b"\n") + 1
             raise SettingsError(
@@ -128,6 +143,7 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
         "max_pending_per_user": settings.queue_max,
     }
     started = time.monotonic()
+    stopped: int | None = None  # jobs cancelled by a Ctrl-C, once one came
     # A bot that starts meanwhile leaves this batch's jobs to it (`bot.locks`).
     with holding_batch(settings.data_dir):
         async with open_core(settings, **overrides) as core:
@@ -144,28 +160,16 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
                 adapter = BatchAdapter(args.out, progress, task)
                 engine.register(adapter)
                 await engine.start(resume=False)
-                for line_no, text in prompts:
-                    try:
-                        parsed = parse_line(text, defaults, args, engine.config.max_prompt_chars)
-                        request = Request(
-                            user=user,
-                            target=Target(BATCH_PLATFORM, chat_id=str(line_no)),
-                            prompt=parsed.prompt,
-                            options=parsed.options,
-                            model=parsed.model,
-                        )
-                        while True:
-                            try:
-                                jobs.append((await engine.submit(request)).job_id)
-                                break
-                            except QueueFull:
-                                await asyncio.sleep(0.05)  # the queue is the back-pressure
-                    except UserError as exc:
-                        reason = render_error("en", exc)
-                        adapter.result.failures.append((f"line {line_no}", reason))
-                        progress.console.print(echo(f"line {line_no}: {reason}"), highlight=False)
-                        progress.advance(task)
-                await engine.run_until_idle()
+                try:
+                    await _submit_all(
+                        engine, adapter, progress, task, prompts, defaults, args, user, jobs
+                    )
+                    await engine.run_until_idle()
+                except asyncio.CancelledError:  # Ctrl-C: the runner cancels the main task once
+                    current = asyncio.current_task()
+                    if current is None or current.uncancel() > 0:
+                        raise  # cancelled for another reason
+                    stopped = await _stop(engine, user, settings.shutdown_grace)
             result = adapter.result
             # What the ledger charged, even for a job whose files could not be copied to --out.
             rows = [await engine.store.get_job(job_id) for job_id in jobs]
@@ -183,4 +187,65 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
     )
     if result.files:
         report.print(Text(f"images in {args.out}/"))
+    if stopped is not None:
+        report.print(t("en", "batch.interrupted", cancelled=stopped))
+        return 130
     return 1 if result.failures else 0
+
+
+async def _stop(engine: Engine, user: UserRef, grace: float) -> int:
+    """Ctrl-C: what is queued is cancelled; what is generating gets `grace` to finish, then is
+    cancelled too (no later batch resumes a batch's jobs, and what they held would keep
+    holding the budget). Cancelled jobs are not charged. How many were cancelled."""
+    cancelled = 0
+
+    async def cancel(job_ids: list[str]) -> None:
+        nonlocal cancelled
+        for job_id in job_ids:
+            with contextlib.suppress(UserError):  # ended meanwhile, or finishing
+                await engine.cancel(user, job_id)
+                cancelled += 1
+
+    await cancel([j.id for j in engine.active_jobs(user) if j.status is JobStatus.QUEUED])
+    try:
+        async with asyncio.timeout(grace):
+            await engine.run_until_idle()
+    except TimeoutError:
+        await cancel([j.id for j in engine.active_jobs(user)])
+        await engine.run_until_idle()
+    return cancelled
+
+
+async def _submit_all(
+    engine: Engine,
+    adapter: BatchAdapter,
+    progress: Progress,
+    task: TaskID,
+    prompts: list[tuple[int, str]],
+    defaults: list[str],
+    args: argparse.Namespace,
+    user: UserRef,
+    jobs: list[str],
+) -> None:
+    """Submit every line (waiting while the queue is full); a refused one is reported by line."""
+    for line_no, text in prompts:
+        try:
+            parsed = parse_line(text, defaults, args, engine.config.max_prompt_chars)
+            request = Request(
+                user=user,
+                target=Target(BATCH_PLATFORM, chat_id=str(line_no)),
+                prompt=parsed.prompt,
+                options=parsed.options,
+                model=parsed.model,
+            )
+            while True:
+                try:
+                    jobs.append((await engine.submit(request)).job_id)
+                    break
+                except QueueFull:
+                    await asyncio.sleep(0.05)  # the queue is the back-pressure
+        except UserError as exc:
+            reason = render_error("en", exc)
+            adapter.result.failures.append((f"line {line_no}", reason))
+            progress.console.print(echo(f"line {line_no}: {reason}"), highlight=False)
+            progress.advance(task)

@@ -30,6 +30,8 @@ _OPTIONS = {
     "size": "size",
     "seed": "seed",
 }
+# What a value looks like, for the answer to an option typed without one.
+_EXAMPLES = {"aspect_ratio": "16:9", "n": "2", "model": "nano-banana", "size": "2K", "seed": "42"}
 _COMMAND = re.compile(r"^[/／]([A-Za-z0-9_]+)(?:@([A-Za-z0-9_]{1,64}))?(?:\s+|$)(.*)$", re.DOTALL)
 _OPTION = re.compile(r"^--([A-Za-z][A-Za-z0-9_-]*)(?:=(.*))?$", re.DOTALL)
 # `\d` is any script's digits (`１６`, `١٦`), which `int` reads; `²` is not one. A Chinese input
@@ -98,13 +100,17 @@ def parse_prompt(text: str, max_chars: int = 2000) -> ParsedPrompt:
         name = _OPTIONS.get(raw_name.lower())
         if name is None:
             raise InvalidRequest("error.unknown_option", option=f"--{raw_name}")
+        option = f"--{raw_name}"
+        missing = InvalidRequest(
+            "error.option_needs_value", option=option, example=f"{option} {_EXAMPLES[name]}"
+        )
         if value is None:
             if i >= len(tokens) or _OPTION.match(_normalize_dash(tokens[i])):
-                raise InvalidRequest("error.option_needs_value", option=f"--{raw_name}")
+                raise missing
             value = tokens[i]
             i += 1
         if not value:
-            raise InvalidRequest("error.option_needs_value", option=f"--{raw_name}")
+            raise missing
         values[name] = value
     prompt = clean_prompt(" ".join(words))
     if not prompt:

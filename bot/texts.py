@@ -70,7 +70,7 @@ EN: dict[str, str] = {
     "error.refs_gone": "The reference images of job {job} are no longer kept: send them again with a new /imagine.",
     "error.unknown_command": "I don't know /{command}. See /help.",
     "error.unknown_option": "I don't know the option {option}. Options: --ar --n --model --size --seed",
-    "error.option_needs_value": "The option {option} needs a value, e.g. --ar 16:9",
+    "error.option_needs_value": "The option {option} needs a value, e.g. {example}",
     "error.bad_count": "--n takes a number from 1 to {max}, not {value}.",
     "error.bad_aspect_ratio": "--ar takes a ratio like 16:9, not {value}.",
     # ---- command answers ----
@@ -102,6 +102,7 @@ EN: dict[str, str] = {
     "caption": "{prompt}\n{model} · seed {seed} · job {job}",
     "delivered.saved": "✅ Job {job} done. Saved:{paths}",
     "batch.summary": "{images} image(s), {failures} failure(s), cost {cost}, {seconds} s",
+    "batch.interrupted": "Interrupted: {cancelled} unfinished job(s) cancelled, not charged.",
     # ---- Telegram ----
     "caption.random": "{prompt}\n{model} · job {job}",
     "result.album": "🖼 {n} images · {model} · job {job}",
@@ -207,6 +208,7 @@ EN: dict[str, str] = {
         "drawbridge console · model {model} · type /help, or /quit to leave.\n"
         "Try: /imagine a lighthouse --n 2 --ar 16:9"
     ),
+    "console.left_pending": "Still in progress: job {jobs}. What does not finish now finishes the next time drawbridge starts (see /jobs); it is charged only if it succeeds.",
 }
 
 ZH: dict[str, str] = {
@@ -259,7 +261,7 @@ ZH: dict[str, str] = {
     "error.refs_gone": "任务 {job} 的参考图已不再保存：请在新的 /imagine 中重新发送。",
     "error.unknown_command": "我不认识 /{command}。见 /help。",
     "error.unknown_option": "我不认识选项 {option}。可用选项：--ar --n --model --size --seed",
-    "error.option_needs_value": "选项 {option} 需要一个值，例如 --ar 16:9",
+    "error.option_needs_value": "选项 {option} 需要一个值，例如 {example}",
     "error.bad_count": "--n 需要 1 到 {max} 之间的数字，不能是 {value}。",
     "error.bad_aspect_ratio": "--ar 需要像 16:9 这样的比例，不能是 {value}。",
     "help": (
@@ -287,6 +289,7 @@ ZH: dict[str, str] = {
     "caption": "{prompt}\n{model} · 种子 {seed} · 任务 {job}",
     "delivered.saved": "✅ 任务 {job} 完成。已保存：{paths}",
     "batch.summary": "{images} 张图，{failures} 个失败，花费 {cost}，用时 {seconds} 秒",
+    "batch.interrupted": "已中断：{cancelled} 个未完成的任务已取消，未扣费。",
     "caption.random": "{prompt}\n{model} · 任务 {job}",
     "result.album": "🖼 {n} 张图 · {model} · 任务 {job}",
     "button.reroll": "🔄 重新生成",
@@ -382,6 +385,7 @@ ZH: dict[str, str] = {
         "drawbridge 控制台 · 模型 {model} · 输入 /help，或 /quit 退出。\n"
         "试试：/imagine 灯塔 --n 2 --ar 16:9"
     ),
+    "console.left_pending": "仍在进行中：任务 {jobs}。现在没完成的，会在下次启动 drawbridge 时完成（见 /jobs）；只有成功才扣费。",
 }
 
 CATALOGS: Mapping[str, Mapping[str, str]] = {"en": EN, "zh": ZH}
