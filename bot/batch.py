@@ -25,7 +25,7 @@ from rich.text import Text
 
 from adapters.batch_adapter import BatchAdapter
 from bot.app import open_core
-from bot.commands import ParsedPrompt, parse_prompt, parse_ratio
+from bot.commands import ParsedPrompt, parse_command, parse_prompt, parse_ratio
 from bot.engine import Engine
 from bot.errors import QueueFull, SettingsError, UserError
 from bot.jobs import BATCH_PLATFORM, JobStatus, Request, Target, UserRef
@@ -85,6 +85,11 @@ def parse_line(
     text: str, defaults: list[str], args: argparse.Namespace, max_chars: int
 ) -> ParsedPrompt:
     """One line's prompt and options; the flags are defaults, so each option the line gives wins."""
+    # A line copied from a chat (`/imagine a cat`, `/img …`): the command is not part of the
+    # prompt that is paid for.
+    command = parse_command(text)
+    if command is not None and command.name == "imagine":
+        text = command.args
     # The parser reports `n=1` whether or not a line said `--n 1`, so the flags go in front of the
     # line's own words: the parser keeps an option's last value, and the line's come last.
     parsed = parse_prompt(" ".join([*defaults, text]), max_chars=max_chars)

@@ -134,6 +134,14 @@ def test_an_option_without_a_value_is_named_with_a_hint_for_that_option(tmp_path
 # ---- --out -------------------------------------------------------------------------------------
 
 
+def test_a_line_copied_from_a_chat_pays_for_the_prompt_not_the_command(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("/imagine a cat --ar 16:9\n/img@drawbot a dog\n")
+    out = run(tmp_path, "generate", "--file", "p.txt", "--out", "out")
+    assert out.returncode == 0, out.stderr
+    assert sorted(prompt for _, prompt, _, _ in jobs(tmp_path)) == ["a cat", "a dog"]
+    assert pngs(tmp_path / "out") == ["001-a-cat.png", "002-a-dog.png"]
+
+
 def test_out_with_dot_dot_writes_where_the_path_leads(tmp_path: Path) -> None:
     out = run(tmp_path, "generate", "a fox", "--out", "a/../b")
     assert out.returncode == 0, out.stderr
