@@ -100,17 +100,13 @@ def parse_prompt(text: str, max_chars: int = 2000) -> ParsedPrompt:
         name = _OPTIONS.get(raw_name.lower())
         if name is None:
             raise InvalidRequest("error.unknown_option", option=f"--{raw_name}")
-        option = f"--{raw_name}"
-        missing = InvalidRequest(
-            "error.option_needs_value", option=option, example=f"{option} {_EXAMPLES[name]}"
-        )
-        if value is None:
-            if i >= len(tokens) or _OPTION.match(_normalize_dash(tokens[i])):
-                raise missing
+        if value is None and i < len(tokens) and not _OPTION.match(_normalize_dash(tokens[i])):
             value = tokens[i]
             i += 1
-        if not value:
-            raise missing
+        if not value:  # none given, or `--n=`
+            option = f"--{raw_name}"
+            example = f"{option} {_EXAMPLES[name]}"
+            raise InvalidRequest("error.option_needs_value", option=option, example=example)
         values[name] = value
     prompt = clean_prompt(" ".join(words))
     if not prompt:
