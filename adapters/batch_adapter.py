@@ -30,15 +30,18 @@ class BatchAdapter:
 
     platform = "cli"
 
-    def __init__(self, out_dir: Path, progress: Progress, task: TaskID) -> None:
+    def __init__(self, out_dir: Path, progress: Progress, task: TaskID, last_line: int = 1) -> None:
         self.out_dir = out_dir
         self.progress = progress
         self.task = task
         self.result = BatchResult()
+        # File names start with the line number, as wide as the last one's (at least 3), so
+        # that they sort in line order: `0999-` before `1000-`.
+        self.width = max(3, len(str(last_line)))
 
     async def deliver(self, job: Job, images: Sequence[StoredImage]) -> str:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"{int(job.target.chat_id):03d}-{slug(job.prompt)}"
+        stem = f"{int(job.target.chat_id):0{self.width}d}-{slug(job.prompt)}"
         names = []
         for image in images:
             suffix = f"-{image.index + 1}" if len(images) > 1 else ""

@@ -162,7 +162,8 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
             ) as progress:
                 task = progress.add_task("generate", total=len(prompts))
                 jobs: list[str] = []
-                adapter = BatchAdapter(args.out, progress, task)
+                last_line = max(line_no for line_no, _ in prompts)
+                adapter = BatchAdapter(args.out, progress, task, last_line)
                 engine.register(adapter)
                 await engine.start(resume=False)
                 try:

@@ -134,6 +134,13 @@ def test_an_option_without_a_value_is_named_with_a_hint_for_that_option(tmp_path
 # ---- --out -------------------------------------------------------------------------------------
 
 
+def test_past_line_999_the_file_names_still_sort_in_line_order(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("#\n" * 998 + "a cat\na dog\n")
+    out = run(tmp_path, "generate", "--file", "p.txt", "--out", "out")
+    assert out.returncode == 0, out.stderr
+    assert pngs(tmp_path / "out") == ["0999-a-cat.png", "1000-a-dog.png"]
+
+
 def test_a_line_copied_from_a_chat_pays_for_the_prompt_not_the_command(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("/imagine a cat --ar 16:9\n/img@drawbot a dog\n")
     out = run(tmp_path, "generate", "--file", "p.txt", "--out", "out")
