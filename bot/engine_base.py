@@ -72,15 +72,17 @@ class EngineBase:
     # ---- bookkeeping ----------------------------------------------------------------------
 
     def _hold(self, job: Job) -> None:
-        key = job.quota_key  # a linked account's identities hold one count between them
         self._jobs[job.id] = job
-        self._active_by_user[key] = self._active_by_user.get(key, 0) + 1
+        self._count_pending(job.quota_key, 1)
 
     def _unhold(self, job: Job) -> None:
-        if self._jobs.pop(job.id, None) is None:
-            return
-        key = job.quota_key
-        left = self._active_by_user.get(key, 1) - 1
+        if self._jobs.pop(job.id, None) is not None:
+            self._count_pending(job.quota_key, -1)
+
+    def _count_pending(self, key: str, delta: int) -> None:
+        """Add `delta` to the jobs `key` (a linked account's identities together) has queued
+        or running, for MAX_PENDING_PER_USER; a count that reaches 0 goes."""
+        left = self._active_by_user.get(key, 0) + delta
         if left > 0:
             self._active_by_user[key] = left
         else:

@@ -96,12 +96,8 @@ class OperatorControls(Scheduler):
                 self._jobs[job.id] = replace(self._jobs[job.id], account=account)
                 live += 1
         if live:  # their pending count (MAX_PENDING_PER_USER) moves with them (`_hold`)
-            left = self._active_by_user.get(old, 0) - live
-            if left > 0:
-                self._active_by_user[old] = left
-            else:
-                self._active_by_user.pop(old, None)
-            self._active_by_user[account] = self._active_by_user.get(account, 0) + live
+            self._count_pending(old, -live)
+            self._count_pending(account, live)
         log.info("linked %s into account %s", joiner, account)
         return account
 
