@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from functools import partial
@@ -125,8 +125,7 @@ class TelegramAdapter:
         self._poll_warned: dict[str, float] = {}  # kind of failed poll → when it was last said
         # Telegram sends a webhook update again when our 200 did not reach it in time (a slow
         # or cut response): the same update id, the same paid /imagine. The last ones taken.
-        self._webhook_seen: set[int] = set()
-        self._webhook_order: deque[int] = deque()
+        self._webhook_seen: OrderedDict[int, None] = OrderedDict()
         self.errors: deque[BaseException] = deque(maxlen=100)  # handler errors, for tests
         self.api_url = api_url = api_url.rstrip("/")
         if rate_limiter is None:
@@ -285,10 +284,9 @@ class TelegramAdapter:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("telegram: a webhook update PTB could not read (%s)", type(exc).__name__)
             return False
-        self._webhook_seen.add(update_id)
-        self._webhook_order.append(update_id)
-        if len(self._webhook_order) > WEBHOOK_SEEN:
-            self._webhook_seen.discard(self._webhook_order.popleft())
+        self._webhook_seen[update_id] = None
+        if len(self._webhook_seen) > WEBHOOK_SEEN:
+            self._webhook_seen.popitem(last=False)
         await self.app.update_queue.put(update)
         return True
 

@@ -116,8 +116,8 @@ class GrsaiProvider:
         self.mode = mode
         self.max_image_bytes = max_image_bytes
         self.webhook_url = webhook_url
-        self._inboxes: dict[str, asyncio.Queue[Task]] = {}
-        self._inbox_jobs: dict[str, str] = {}  # task id → the job following it
+        # Task id → the job following it, and the queue its webhook bodies wake it through.
+        self._inboxes: dict[str, tuple[str, asyncio.Queue[Task]]] = {}
         # Webhook bodies for a task whose submit has not returned yet, each with the job whose
         # signed URL it came to (None: unsigned); only while such a job's submit is in flight.
         self._early: OrderedDict[str, deque[tuple[str | None, Task]]] = OrderedDict()
@@ -160,9 +160,10 @@ class GrsaiProvider:
             log.debug("ignored a GrsAI webhook body without a task id")
             return
         news = _news(key, task)
-        inbox = self._inboxes.get(key)
-        if inbox is not None:
-            if job_id is not None and self._inbox_jobs.get(key) != job_id:
+        following = self._inboxes.get(key)
+        if following is not None:
+            follower, inbox = following
+            if job_id is not None and follower != job_id:
                 log.warning("GrsAI webhook for job %s named another job's task; ignored", job_id)
                 return
             with suppress(asyncio.QueueFull):
@@ -346,9 +347,8 @@ class GrsaiProvider:
                         f"GrsAI task still running after {request.timeout_s:g} s"
                     )  # the id stays: a later attempt resumes it
         finally:
-            if self._inboxes.get(task_id) is inbox:
+            if (following := self._inboxes.get(task_id)) is not None and following[1] is inbox:
                 del self._inboxes[task_id]
-                self._inbox_jobs.pop(task_id, None)
 
     async def _wait_for_news(
         self, inbox: asyncio.Queue[Task], hooks: JobHooks, deadline: float
@@ -379,8 +379,7 @@ class GrsaiProvider:
             if sent_for in (None, job_id):
                 with suppress(asyncio.QueueFull):
                     inbox.put_nowait(task)
-        self._inboxes[task_id] = inbox
-        self._inbox_jobs[task_id] = job_id
+        self._inboxes[task_id] = (job_id, inbox)
         return inbox
 
     # -- outcomes --------------------------------------------------------------------------
