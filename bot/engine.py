@@ -47,7 +47,7 @@ from bot.providers.base import Provider
 from bot.quota import Quotas
 from bot.routing import Router
 from bot.store import Store
-from bot.validate import check_reference_count, check_references, validate_request
+from bot.validate import check_reference_count, check_references, model_spec, validate_request
 
 __all__ = ["Engine", "EngineConfig", "Usage", "new_job_id", "result_cache_key"]
 
@@ -139,10 +139,7 @@ class Engine(OperatorControls):
         """Before an adapter downloads `count` reference images for `model` (None: the
         default): refuse, as submit would, a request that cannot take them, so that an album
         of ten photos is not fetched to be refused."""
-        name = model or self.default_model
-        spec = self.catalog.get(name)
-        if spec is None:
-            raise InvalidRequest("error.unknown_model", model=name)
+        spec = model_spec(self.catalog, model or self.default_model, self.router.available)
         check_reference_count(spec, count)
 
     async def _submit(self, request: Request, parent_id: str | None) -> Ticket:

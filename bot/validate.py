@@ -14,6 +14,16 @@ MAX_SEED = 2**32 - 1
 MAX_REFERENCE_BYTES = 20_000_000
 
 
+def model_spec(catalog: Catalog, name: str, available: Callable[[ModelSpec], bool]) -> ModelSpec:
+    """The model a request names, if this bot has it and a provider serves it."""
+    spec = catalog.get(name)
+    if spec is None:
+        raise InvalidRequest("error.unknown_model", model=name)
+    if not available(spec):
+        raise InvalidRequest("error.model_unavailable", model=spec.name)
+    return spec
+
+
 def check_reference_count(spec: ModelSpec, count: int) -> None:
     """Refuse `count` reference images that `spec` does not take (checked again at submit, and
     by an adapter before it downloads them)."""
@@ -38,12 +48,7 @@ def validate_request(
         raise InvalidRequest("error.empty_prompt")
     if len(prompt) > max_prompt_chars:
         raise InvalidRequest("error.prompt_too_long", length=len(prompt), max=max_prompt_chars)
-    name = request.model or default_model
-    spec = catalog.get(name)
-    if spec is None:
-        raise InvalidRequest("error.unknown_model", model=name)
-    if not available(spec):
-        raise InvalidRequest("error.model_unavailable", model=spec.name)
+    spec = model_spec(catalog, request.model or default_model, available)
     o = request.options
     if not 1 <= o.n <= spec.max_images:
         raise InvalidRequest(
