@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import pytest
 
 from bot.adapter import StatusKind
 from bot.catalog import Catalog, CatalogError
-from bot.engine import Engine
 from bot.errors import BudgetExceeded, QuotaExceeded, Transient, UserError
 from bot.jobs import GeneratedImage, Ticket, UserRef
 from bot.providers.base import GenerationRequest, JobHooks
 from bot.quota import Limits
 from tests.conftest import TEST_MODELS, Harness, request
 from tests.fakes import ScriptedProvider, png_bytes
+from tests.test_accounting import balanced as books_balance
+from tests.test_accounting import job_rows, until
 
 ALICE = UserRef("test", "alice")
 PRICE = 0.5  # "paid" in the test catalog, per image at the default size
@@ -34,44 +33,6 @@ DAY_SECONDS = 86_400.0
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-async def until(check: Callable[[], bool], within: float = 3.0) -> None:
-    async with asyncio.timeout(within):
-        while not check():  # noqa: ASYNC110 - the conditions are fakes' counters
-            await asyncio.sleep(0.005)
-
-
-async def job_rows(h: Harness) -> list[dict[str, Any]]:
-    async with aiosqlite.connect(h.data_dir / "drawbridge.db") as db:
-        db.row_factory = aiosqlite.Row
-        rows = await db.execute_fetchall(
-            "SELECT id, user_id, status, n_images, reserved_usd, cost_usd, day, "
-            "cached_from, delivered_at, parent_id FROM jobs"
-        )
-        return [dict(r) for r in rows]
-
-
-async def books_balance(engine: Engine, h: Harness) -> None:
-    """The engine's tallies equal what the jobs table says, per user and day and in all."""
-    await engine.store.flush()
-    expected: dict[tuple[str, str], tuple[int, float]] = {}
-    for r in await job_rows(h):
-        key = (f"test:{r['user_id']}", r["day"])
-        images, usd = expected.get(key, (0, 0.0))
-        if r["status"] in ("queued", "running"):
-            images, usd = images + r["n_images"], usd + r["reserved_usd"]
-        elif r["status"] == "succeeded" and r["cached_from"] is None:
-            images, usd = images + r["n_images"], usd + r["cost_usd"]
-        else:
-            assert r["cost_usd"] == 0, f"{r['status']} job {r['id']} cost {r['cost_usd']}"
-        expected[key] = (images, usd)
-    for (user, day), (images, usd) in expected.items():
-        got = engine.quotas.used(user, day)
-        assert got[0] == images and got[1] == pytest.approx(usd), (user, day, got)
-    for day in {d for _, d in expected}:
-        total = sum(u for (_, d), (_, u) in expected.items() if d == day)
-        assert engine.quotas.spent_total(day) == pytest.approx(total), day
 
 
 def write_catalog(tmp_path: Path, extra: str) -> Path:
