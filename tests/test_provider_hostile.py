@@ -34,6 +34,7 @@ from bot.errors import (
     AuthFailed,
     BadRequest,
     Expired,
+    ModelUnavailable,
     ProviderError,
     RateLimited,
     Refused,
@@ -585,11 +586,21 @@ async def test_grsai_oversized_result_is_refused_early(server: Hostile, how: str
         ({"code": -1, "msg": "apikey expired"}, AuthFailed),
         ({"code": -1, "msg": "余额不足"}, AuthFailed),
         ({"code": 429, "msg": "too many requests"}, RateLimited),
-        ({"code": -1, "msg": "model not register"}, BadRequest),
+        ({"code": -1, "msg": "model not register"}, ModelUnavailable),
+        ({"code": -1, "msg": "model_not_found: gpt-image-9"}, ModelUnavailable),
         ({"code": 503, "msg": "server error"}, Transient),
         ({"code": 500, "msg": "internal error, please retry"}, Transient),
     ],
-    ids=["apikey", "expired key", "balance", "429", "bad model", "code 503", "code 500"],
+    ids=[
+        "apikey",
+        "expired key",
+        "balance",
+        "429",
+        "bad model",
+        "model_not_found",
+        "code 503",
+        "code 500",
+    ],
 )
 async def test_grsai_http_200_with_an_error_body(
     server: Hostile, body: dict[str, Any], expected: type[ProviderError]
@@ -833,6 +844,15 @@ OPENAI_ERRORS: dict[str, tuple[int, Any, dict[str, str], type[ProviderError], bo
     "400 no body": (400, b"", {}, BadRequest, False),
     "400 html": (400, b"<html>400 Bad Request</html>", {}, BadRequest, False),
     "404": (404, _api_error("Unknown route"), {}, BadRequest, False),
+    # A relay's own wording for a model it does not serve: the family's next provider may.
+    "400 relay: model gone (zh)": (400, _api_error("模型不存在"), {}, ModelUnavailable, False),
+    "404 relay: no such model": (
+        404,
+        _api_error("No such model: flux-9", "MODEL_NOT_FOUND"),
+        {},
+        ModelUnavailable,
+        False,
+    ),
     "418": (418, b"I'm a teapot", {}, BadRequest, False),
     "429 without retry-after": (
         429,

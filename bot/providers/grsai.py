@@ -46,6 +46,7 @@ from bot.providers.http import (
     new_session,
     parse_retry_after,
     read_capped,
+    says_model_gone,
     status_error,
 )
 
@@ -68,8 +69,6 @@ TERMINAL = frozenset({"succeeded", "failed", "violation"})
 AUTH_HINTS = ("apikey", "api key", "api_key", "unauthorized", "invalid key")
 BILLING_HINTS = ("insufficient", "balance", "credit", "余额", "积分")
 RATE_HINTS = ("too many", "too frequent", "rate limit")
-# GrsAI's model set changes often (§1.8): a retired model fails over to the family's next provider.
-MODEL_HINTS = ("model not register", "model not found", "no such model", "模型不存在")
 
 # gpt-image-2 takes a pixel size: the long side per requested size, both sides multiples of 16.
 GPT_IMAGE_LONG_SIDE = {"1K": 1536, "2K": 2048, "4K": 3840}
@@ -432,7 +431,7 @@ class GrsaiProvider:
         if status == 403:
             log.warning("GrsAI answered 403 (%s): check GRSAI_API_KEY", msg or "no message")
             return AuthFailed(f"GrsAI refused access: {msg or 'HTTP 403'}")
-        if any(hint in low for hint in MODEL_HINTS):
+        if says_model_gone(low):
             log.warning("GrsAI does not serve the model (%s): check MODELS_FILE", msg)
             return ModelUnavailable(f"GrsAI does not serve the model: {msg}")
         if status >= 400:

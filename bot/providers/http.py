@@ -23,6 +23,27 @@ from bot.offload import off_loop
 
 USER_AGENT = f"drawbridge/{__version__}"
 
+# How image APIs and relays say they do not serve the model (retired, renamed, not on this relay):
+# the family's next provider may. OpenAI's codes and wording, OpenRouter's, GrsAI's (which change
+# often, providers.md §1.8), and a Chinese relay's.
+MODEL_GONE = (
+    "model_not_found",
+    "model not found",
+    "model not register",
+    "no such model",
+    "does not exist or you do not have access",
+    "no endpoints found",
+    "is not a valid model",
+    "unknown model",
+    "模型不存在",
+)
+
+
+def says_model_gone(text: str) -> bool:
+    """Whether an error's code or message (any case) says the model is not served."""
+    low = text.lower()
+    return any(mark in low for mark in MODEL_GONE)
+
 
 def new_session(timeout_s: float = 600.0) -> aiohttp.ClientSession:
     """A session for one provider: one connection pool, no global timeout beyond `timeout_s`."""

@@ -53,6 +53,7 @@ from bot.providers.http import (
     new_session,
     parse_retry_after,
     read_capped,
+    says_model_gone,
 )
 
 log = logging.getLogger("drawbridge.providers.openai")
@@ -63,16 +64,6 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 REFUSAL_CODES = ("moderation_blocked", "content_policy_violation")
 # Out of credits: the operator must pay; retrying never helps.
 QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "insufficient_user_quota")
-# The model is not served (retired, renamed, not on this relay): the family's next provider may be.
-MODEL_GONE = (
-    "model_not_found",
-    "model not found",
-    "does not exist or you do not have access",
-    "no endpoints found",
-    "is not a valid model",
-    "unknown model",
-    "model not register",
-)
 
 MAX_N = 10  # the API's limit on `n` for one call
 MAX_EDIT_IMAGES = 16  # GPT-image edits take up to 16 `image[]` parts
@@ -575,7 +566,7 @@ class OpenAIImagesProvider:
             if headers.get("x-should-retry", "").lower() == "false":
                 exc.retryable = False  # the server says another try will not help
             return exc
-        if param == "model" or any(mark in marks for mark in MODEL_GONE):
+        if param == "model" or says_model_gone(marks):
             log.warning("the image API does not serve the model (%s): check MODELS_FILE", label)
             return ModelUnavailable(f"the image API does not serve the model ({label}): {message}")
         return BadRequest(f"the image API rejected the request ({label}): {message}".rstrip(": "))
