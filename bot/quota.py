@@ -140,14 +140,16 @@ class Quotas:
         if lim.budget_usd and total + usd > lim.budget_usd + _EPS:
             raise BudgetExceeded()
         if not exempt:
-            image_limit = lim.user_images + extra_images if lim.user_images else 0
+            # Holding more dollars only (a dearer backup route) adds no images: the image
+            # limits are not asked again (a grant, or a lowered limit, is not in play then).
+            image_limit = lim.user_images + extra_images if lim.user_images and images else 0
             if image_limit and tally.images + images > image_limit:
                 raise QuotaExceeded("error.quota_images", used=tally.images, limit=image_limit)
             if lim.user_usd and tally.usd + usd > lim.user_usd + _EPS:
                 raise QuotaExceeded(
                     "error.quota_usd", used=money(tally.usd), limit=money(lim.user_usd)
                 )
-            if scope is not None and scope[1]:
+            if scope is not None and scope[1] and images:
                 held = self._scopes.get((scope[0], day), 0)
                 if held + images > scope[1]:
                     raise QuotaExceeded("error.quota_chat", used=held, limit=scope[1])
