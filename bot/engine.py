@@ -46,7 +46,7 @@ from bot.operator_controls import OperatorControls
 from bot.providers.base import Provider
 from bot.quota import Quotas
 from bot.routing import Router
-from bot.store import Store
+from bot.store import Spend, Store
 from bot.validate import check_reference_count, check_references, model_spec, validate_request
 
 __all__ = ["Engine", "EngineConfig", "Usage", "new_job_id", "result_cache_key"]
@@ -109,7 +109,7 @@ class Engine(OperatorControls):
         # The other side of the data dir (see `_see_outside`): `drawbridge generate`'s jobs for
         # the bot, the bot's for a batch; what they held or spent when this engine started.
         self._batch = False
-        self._outside_base: dict[str, float] = {}
+        self._outside_base: dict[str, Spend] = {}
         self._outside_seen = -math.inf
         self._background: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
@@ -265,7 +265,8 @@ class Engine(OperatorControls):
             spend = await self.store.spend_of_batches(day, batches=not self._batch)
         except sqlite3.Error:
             return  # the last figure stands; the submit's own write will say what is wrong
-        self.quotas.set_outside(day, spend - self._outside_base.get(day, 0.0))
+        base = self._outside_base.get(day, Spend(0.0, 0.0))
+        self.quotas.set_outside(day, spend.taken - base.taken, spend.charged - base.charged)
 
     async def cancel(self, user: UserRef, job_id: str | None = None) -> Job:
         """Cancel a queued job (refunded) or abandon a running one (result discarded, refunded)."""

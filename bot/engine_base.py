@@ -19,7 +19,7 @@ from bot.operator import Operator, audit_op
 from bot.providers.base import Provider
 from bot.quota import Quotas
 from bot.routing import BreakerState, Router
-from bot.store import Store
+from bot.store import Spend, Store
 from bot.texts import money, t
 
 log = logging.getLogger("drawbridge.engine")
@@ -55,7 +55,7 @@ class EngineBase:
     _ending: set[str]  # jobs whose end (`_finish`) one caller has claimed
     _link_tries: dict[str, list[float]]  # user → when they tried a wrong link code
     _batch: bool  # a `drawbridge generate` engine (`start(resume=False)`)
-    _outside_base: dict[str, float]  # day → the other process's spend when this one loaded it
+    _outside_base: dict[str, Spend]  # day → the other process's spend when this one loaded it
     _background: set[asyncio.Task[None]]
     _posting: set[asyncio.Task[Any]]  # tasks handing a result to the platform right now
     _wakeup: asyncio.Event

@@ -61,6 +61,7 @@ class Quotas:
         # What another process on the data dir (`drawbridge generate`, or the bot beside it) has
         # held or spent since this one loaded the day: counted against the budget too.
         self._outside: dict[str, float] = {}
+        self._outside_charged: dict[str, float] = {}  # of that, spent: for the budget's alerts
 
     def today(self) -> str:
         return self.day_of(self._clock())
@@ -83,8 +84,10 @@ class Quotas:
         for scope, images in totals.items():
             self._scopes[(scope, day)] = self._scopes.get((scope, day), 0) + images
 
-    def set_outside(self, day: str, usd: float) -> None:
+    def set_outside(self, day: str, usd: float, charged: float) -> None:
+        """What the other process has held or spent (`usd`), and spent, since the day loaded."""
         self._outside[day] = usd
+        self._outside_charged[day] = charged
 
     def release_scope(self, scope: str, day: str, images: int) -> None:
         key = (scope, day)
@@ -109,8 +112,8 @@ class Quotas:
         return self._totals.get(day, 0.0)
 
     def charged_total(self, day: str) -> float:
-        """Dollars charged on `day`: what succeeded jobs cost."""
-        return self._charged.get(day, 0.0)
+        """Dollars charged on `day`: what succeeded jobs cost, the other process's too."""
+        return self._charged.get(day, 0.0) + self._outside_charged.get(day, 0.0)
 
     def reserve(
         self,
@@ -188,6 +191,7 @@ class Quotas:
                     self._totals.pop(day, None)
                     self._charged.pop(day, None)
                     self._outside.pop(day, None)
+                    self._outside_charged.pop(day, None)
                     for key in [k for k in self._scopes if k[1] == day]:
                         del self._scopes[key]
         if len(self._day_names) > len(self._days) + 1:  # the interned names of days gone

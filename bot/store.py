@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 
@@ -62,6 +62,13 @@ class DayTotals:
 # each holds or has spent.
 COUNTED = "j.status IN ('queued','running','succeeded') AND j.cached_from IS NULL"
 HELD_OR_SPENT = "CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE j.reserved_usd END"
+
+
+class Spend(NamedTuple):
+    """What jobs have taken of a day's budget: held or spent, and of that, spent."""
+
+    taken: float
+    charged: float
 
 
 class Store:
@@ -325,17 +332,22 @@ class Store:
             for r in rows
         ]
 
-    async def spend_of_batches(self, day: str, *, batches: bool) -> float:
-        """Dollars held or spent on `day` by `drawbridge generate`'s jobs (`batches`), or by
-        everyone else's: what the process on the other side of the data dir has taken."""
+    async def spend_of_batches(self, day: str, *, batches: bool) -> Spend:
+        """Dollars held or spent, and spent, on `day` by `drawbridge generate`'s jobs
+        (`batches`), or by everyone else's: what the process on the other side of the data dir
+        has taken."""
         rows = list(
             await self._rdb.execute_fetchall(
-                f"SELECT SUM({HELD_OR_SPENT}) FROM jobs j WHERE j.day = ? AND {COUNTED} "
+                f"SELECT SUM({HELD_OR_SPENT}), "
+                "SUM(CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE 0 END) "
+                f"FROM jobs j WHERE j.day = ? AND {COUNTED} "
                 f"AND j.platform {'=' if batches else '!='} ?",
                 (day, BATCH_PLATFORM),
             )
         )
-        return float(rows[0][0] or 0.0) if rows else 0.0
+        if not rows:
+            return Spend(0.0, 0.0)
+        return Spend(float(rows[0][0] or 0.0), float(rows[0][1] or 0.0))
 
     async def scope_totals(self, day: str) -> dict[str, int]:
         """Images held or made per chat (and Discord guild) on `day`, for per-chat limits."""

@@ -383,11 +383,6 @@ async def batch_run(h: Harness, prompts: list[str], n: int) -> None:
     await batch.run_until_idle()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="budget alerts use charged_total (the bot's own charges since start): what "
-    "`drawbridge generate` spent beside it is missed, so the alert says $0.00 spent",
-)
 async def test_budget_alerts_count_what_drawbridge_generate_spent(harness: Harness) -> None:
     harness.clock.now += 10 * 3600
     bot = await harness.engine(admin_ids=frozenset({"test:boss"}), limits=Limits(budget_usd=1.0))
