@@ -14,6 +14,7 @@ from bot.errors import ErrorKind, InvalidRequest, JobNotFound, NotAllowed, UserE
 from bot.job_rows import insert_job_op
 from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
 from bot.operator import LINK_CODE_TTL, LINK_TRIES, command_ops
+from bot.quota import days_before
 from bot.scheduler import Scheduler
 from bot.stats import usage_csv
 
@@ -88,7 +89,8 @@ class OperatorControls(Scheduler):
         moved = [job for job in self._jobs.values() if job.quota_key == old]
         ops += [("UPDATE jobs SET account = ? WHERE id = ?", (account, job.id)) for job in moved]
         await self.store.write(*ops)
-        for day in (self.quotas.today(), self.quotas.day_of(now - 86400)):
+        today = self.quotas.today()
+        for day in (today, days_before(today, 1)):  # (not now - 86400: a day may have 23 h)
             self.quotas.merge(day, old, account)
         live = 0
         for job in moved:

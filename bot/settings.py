@@ -77,8 +77,14 @@ def parse_per_provider(value: str) -> dict[str, int]:
 class Settings(BaseModel):
     """The validated settings; field names are the environment variables in lower case."""
 
+    # No setting takes `inf` or `nan`: `QUOTA_USER_DAILY_USD=inf` is no limit, and said
+    # "of $Infinity" to users; a timeout of `inf` is none.
     model_config = ConfigDict(
-        frozen=True, extra="ignore", hide_input_in_errors=True, populate_by_name=True
+        frozen=True,
+        extra="ignore",
+        hide_input_in_errors=True,
+        populate_by_name=True,
+        allow_inf_nan=False,
     )
 
     data_dir: Path = Field(Path("data"), alias="DRAWBRIDGE_DATA_DIR")

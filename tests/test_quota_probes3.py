@@ -199,11 +199,6 @@ LINK_DAYS = [
         "2026-03-08T23:50",
         "2026-03-09T00:30",  # 24 h back is 2026-03-07 23:30, two quota days back
         id="just-after-the-23-hour-day",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="link merges day_of(now - 86400) as yesterday (operator_controls.py): after a "
-            "23-hour day that is two days back, so yesterday's held job stays on the old tally",
-        ),
     ),
 ]
 
@@ -454,13 +449,14 @@ async def test_a_short_result_frees_the_budget_it_did_not_spend(harness: Harness
 # ---- the settings -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QUOTA_USER_DAILY_USD / BUDGET_DAILY_USD take inf and 1e400 (pydantic floats allow "
-    "them): not a limit, and /usage then shows 'of $Infinity.00'",
-)
 @pytest.mark.parametrize(
-    ("name", "value"), [("QUOTA_USER_DAILY_USD", "inf"), ("BUDGET_DAILY_USD", "1e400")]
+    ("name", "value"),
+    [
+        ("QUOTA_USER_DAILY_USD", "inf"),
+        ("BUDGET_DAILY_USD", "1e400"),
+        ("GENERATE_TIMEOUT", "inf"),
+        ("IMAGE_RETENTION_DAYS", "nan"),
+    ],
 )
 def test_an_infinite_dollar_limit_stops_start_up_naming_the_setting(name: str, value: str) -> None:
     with pytest.raises(SettingsError) as refused:
