@@ -84,6 +84,10 @@ class Chat:
                 case "start":
                     return Reply(t(lang, "start") + "\n\n" + t(lang, "help"))
                 case "link":
+                    if not private and not command.args.strip():
+                        # The code joins whoever sends it back to this account (its quota, its
+                        # history, an admin's rights): it is never shown in a group.
+                        return Reply(t(lang, "link.private_only"), error=True)
                     return Reply(await self.link(user, command.args, lang, target))
                 case "history":
                     return Reply(await self.jobs_text(user, lang, limit=25))

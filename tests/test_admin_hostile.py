@@ -33,7 +33,8 @@ MAX_REPLY = 400  # a "short clear answer" to a command fits easily in this
 
 
 async def ask(chat: Chat, user: UserRef, text: str, target: Target = GROUP) -> Reply:
-    reply = await chat.handle(user, target, text, private=False)
+    private = str(target.chat_id).startswith("dm-")  # (`dm`'s chats)
+    reply = await chat.handle(user, target, text, private=private)
     assert reply is not None, text
     return reply
 

@@ -20,7 +20,7 @@ GROUP = Target("test", chat_id="group-1")
 
 
 async def say(chat: Chat, user: UserRef, text: str, target: Target = GROUP) -> str:
-    reply = await chat.handle(user, target, text, private=False)
+    reply = await chat.handle(user, target, text, private=target != GROUP)
     assert reply is not None
     return reply.text
 
