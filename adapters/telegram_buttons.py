@@ -107,6 +107,7 @@ class ButtonPresses:
     async def _send_originals(
         self, query: CallbackQuery, user: UserRef, job_id: str, lang: str
     ) -> None:
+        self.adapter.engine.refuse_banned(user)
         job = await self._button_job(query, user, job_id)
         place = self._button_place(query, job)
         key = (place.chat_id, job.id)

@@ -238,6 +238,7 @@ class Chat:
                     return Reply(t(lang, "error.ban_admin", user=member), error=True)
                 if name == "ban":
                     await engine.apply(engine.operator.ban(member, actor, now), source)
+                    await engine.cancel_banned()  # their jobs in the queue or generating
                 else:
                     await engine.apply(engine.operator.unban(member, actor, now), source)
                 return Reply(t(lang, f"{name}.done", user=member))

@@ -277,6 +277,25 @@ class Engine(OperatorControls):
             if ended is not None and str(ended.user) == str(user):
                 raise JobEnded(job=ended.id) from None
             raise
+        return await self._cancel(job, "cancelled by user")
+
+    async def cancel_banned(self) -> int:
+        """End every job, queued or running, of an account banned now: not generated (or its
+        result discarded), not posted, not charged. A ban stops the bot making images for them,
+        not only taking their next request."""
+        ended = 0
+        for job in [job for job in self._jobs.values() if self.operator.banned(job.user)]:
+            try:
+                await self._cancel(job, "cancelled: the user is banned")
+            except JobNotFound:
+                continue  # ending already, or gone
+            except UserError as exc:  # finishing (it stands), or the database refused the end
+                log.warning("job=%s of a banned user not cancelled: %s", job.id, exc.key)
+                continue
+            ended += 1
+        return ended
+
+    async def _cancel(self, job: Job, reason: str) -> Job:
         if (written := self._inserting.get(job.id)) is not None:
             await asyncio.wait([written])  # its row is being written: then it is queued
             if job.id not in self._jobs:
@@ -296,9 +315,7 @@ class Engine(OperatorControls):
         else:
             raise UserError("error.job_finishing", job=job.id)
         try:
-            return await self._end_waiting(
-                job, JobStatus.CANCELLED, ErrorKind.CANCELLED, "cancelled by user"
-            )
+            return await self._end_waiting(job, JobStatus.CANCELLED, ErrorKind.CANCELLED, reason)
         except (sqlite3.Error, OSError) as exc:  # not cancelled: it waits in line again
             log.error("cannot record a cancel: %s", exc)
             raise StorageUnavailable() from exc

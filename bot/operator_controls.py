@@ -32,10 +32,15 @@ class OperatorControls(Scheduler):
         await self.store.write(*ops)
         return code
 
+    def refuse_banned(self, user: UserRef) -> None:
+        """Raise `NotAllowed` for a banned user: a ban stops the bot posting images for them,
+        old ones too (`/show`, the original files)."""
+        if self.operator.banned(user) and not self.is_admin(user):
+            raise NotAllowed()
+
     async def show(self, user: UserRef, job_id: str, target: Target) -> int:
         """Post a finished job's stored images again, here; returns how many."""
-        if self.operator.banned(user) and not self.is_admin(user):
-            raise NotAllowed()  # a ban stops the bot posting images for them, old ones too
+        self.refuse_banned(user)
         job = await self.store.get_job(job_id.lower())
         account = self.operator.account_of(user)
         if job is None or (

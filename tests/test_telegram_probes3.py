@@ -295,11 +295,6 @@ async def test_an_admin_cancels_a_members_job_by_id_and_the_member_hears_it(
 # ---- bans and the jobs a banned member still has ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/ban leaves the member's queued jobs in the queue: they are generated at the "
-    "operator's cost, charged and posted after the ban",
-)
 async def test_a_banned_members_queued_job_is_not_generated_nor_charged(
     rig: Rig, tg: FakeTelegram, provider: ShapedProvider
 ) -> None:
@@ -321,11 +316,6 @@ async def test_a_banned_members_queued_job_is_not_generated_nor_charged(
     assert row[0] != "succeeded" and row[1] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 📎 button posts a banned member's stored images again: it skips the ban check "
-    "/show and 🔄 make",
-)
 async def test_the_original_file_button_posts_nothing_for_a_banned_member(
     rig: Rig, tg: FakeTelegram
 ) -> None:
