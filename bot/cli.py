@@ -84,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = load_settings()
-        _check_data_dir(settings.data_dir)
+        if args.command == "usage":  # a report reads: it makes no data dir it did not find
+            _check_report_dir(settings.data_dir)
+        else:
+            _check_data_dir(settings.data_dir)
     except SettingsError as exc:
         print(f"drawbridge: {exc}", file=sys.stderr)
         return 2
@@ -113,19 +116,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _check_report_dir(data_dir: Path) -> None:
+    """A data dir not made yet is an empty report; one that can never be a folder is an error."""
+    there = next((path for path in (data_dir, *data_dir.parents) if path.exists()), None)
+    if there is not None and not there.is_dir():
+        raise SettingsError(f"DRAWBRIDGE_DATA_DIR: cannot use {data_dir} (Not a directory)")
+
+
 def _check_data_dir(data_dir: Path) -> None:
-    """Create the data dir and prove it writable now: one line naming it, not an OSError later."""
+    """Create the data dir and prove it writable now, with the database and the image folders
+    already there: one line naming what is not, before any paid call (a read-only
+    `drawbridge.db` or `images/`, restored as root, otherwise fails every job after its
+    generation, or every submit)."""
+    from bot.image_files import image_folders
+
+    where = data_dir
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=data_dir):  # gone on close; fails as sqlite would
-            pass
+        for where in (data_dir, *image_folders(data_dir)):
+            if where.is_dir():  # (the missing ones are made by the store, or it says why)
+                with tempfile.TemporaryFile(dir=where):  # gone on close; fails as sqlite would
+                    pass
+        where = data_dir / "drawbridge.db"
+        if where.is_file():  # (anything else there, sqlite names)
+            with where.open("r+b"):  # opened for writing, nothing written
+                pass
     except FileExistsError:  # a file (or a link to one) where the folder should be
         reason = "Not a directory"
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
     else:
         return
-    raise SettingsError(f"DRAWBRIDGE_DATA_DIR: cannot use {data_dir} ({reason})")
+    raise SettingsError(f"DRAWBRIDGE_DATA_DIR: cannot use {where} ({reason})")
 
 
 def _run_command(settings: Settings, console: bool) -> int:
@@ -310,8 +332,10 @@ async def _usage(settings: Settings, fmt: str, days: int | None) -> int:
     if days is not None:
         # `jobs.day` is the quota day in QUOTA_TZ; N days are today and the N - 1 before it.
         since = days_before(quota_day(time.time(), settings.tz), days - 1)
-    async with await Store.open(settings.data_dir) as store:
-        rows = await store.usage(since)
+    rows = []
+    if settings.db_path.exists():  # (none yet, or the wrong folder: an empty report)
+        async with await Store.open(settings.data_dir) as store:
+            rows = await store.usage(since)
     if fmt == "json":
         print(json.dumps([asdict(r) for r in rows], indent=2))
         return 0

@@ -46,8 +46,12 @@ def write_files(items: Sequence[tuple[Path, bytes]]) -> None:
             os.close(fd)
 
 
+def image_folders(data_dir: Path) -> list[Path]:
+    """The folders the store writes images into (results and reference photos)."""
+    images = data_dir / "images"
+    return [images, data_dir / "refs", *(images / c for c in FOLDERS)]
+
+
 def make_dirs(data_dir: Path) -> None:
-    folders = [data_dir, data_dir / "images", data_dir / "refs"]
-    folders += [data_dir / "images" / c for c in FOLDERS]
-    for folder in folders:
+    for folder in (data_dir, *image_folders(data_dir)):
         folder.mkdir(parents=True, exist_ok=True)

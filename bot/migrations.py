@@ -188,8 +188,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def migrate(db: sqlite3.Connection) -> None:
-    """Bring the schema up to this release, one versioned step per transaction."""
+def _version(db: sqlite3.Connection) -> int:
     row = db.execute("PRAGMA user_version").fetchone()
     version = int(row[0]) if row else 0
     if version > len(MIGRATIONS):
@@ -197,14 +196,26 @@ def migrate(db: sqlite3.Connection) -> None:
             f"DRAWBRIDGE_DATA_DIR: the database's schema version {version} is newer than this "
             f"release ({len(MIGRATIONS)}): run a newer drawbridge, or use another data dir"
         )
-    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+    return version
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the schema up to this release, one versioned step per transaction.
+
+    Two processes may start on one database at once (the bot and `drawbridge usage` after an
+    upgrade): each step reads the version again inside its write transaction, so a step the
+    other one applied meanwhile is not applied twice ("duplicate column name").
+    """
+    while _version(db) < len(MIGRATIONS):
         db.execute("BEGIN IMMEDIATE")
         try:
-            for sql in statements:
-                db.execute(sql)
-            db.execute(f"PRAGMA user_version = {number}")
+            number = _version(db) + 1
+            if number <= len(MIGRATIONS):  # (else the other process applied the last step)
+                for sql in MIGRATIONS[number - 1]:
+                    db.execute(sql)
+                db.execute(f"PRAGMA user_version = {number}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        log.info("database migrated to schema version %d", number)
+        log.info("database at schema version %d", _version(db))

@@ -141,6 +141,13 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["plain", "json"] = "plain"
 
+    @field_validator("data_dir", "models_file", "blocklist_file")
+    @classmethod
+    def _home(cls, value: Path | None) -> Path | None:
+        # `~/botdata` as a shell would read it: `.env` and systemd's EnvironmentFile do not, and
+        # a folder named `~` in the working directory invites an `rm -rf ~`.
+        return value.expanduser() if value is not None else None
+
     @field_validator("admin_ids", "allowed_ids", mode="before")
     @classmethod
     def _split_ids(cls, value: Any) -> Any:

@@ -98,6 +98,12 @@ class Harness:
                 self.opened.remove((e, store))
 
 
+async def new_database(data_dir: Path) -> None:
+    """A data dir as this release makes it, with an empty database."""
+    store = await Store.open(data_dir)
+    await store.close()
+
+
 def request(
     user: str = "alice",
     prompt: str = "a fox in the snow",

@@ -36,6 +36,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.settings import ENV_NAMES
+from tests.conftest import new_database
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv" / "bin" / "python"
@@ -1026,7 +1027,7 @@ def test_usage_on_a_database_from_a_newer_release_is_one_line(tmp_path: Path) ->
     (bot/migrations.py:180) that `main` (bot/cli.py:98-110) does not catch, so every command
     (`usage`, `generate`, `run`) dies with a traceback instead of one line.
     """
-    assert run(tmp_path, "usage", "--json").returncode == 0  # a current database
+    asyncio.run(new_database(tmp_path / "data"))  # a current database
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "drawbridge.db")) as db:
         db.execute("PRAGMA user_version = 99")
         db.commit()
