@@ -15,6 +15,18 @@ def unlink_all(paths: Iterable[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
+def older_than(paths: Iterable[Path], before: float) -> list[Path]:
+    """Those of `paths` last written before `before` (a Unix time); gone ones are left out."""
+    old = []
+    for path in paths:
+        try:
+            if path.stat().st_mtime < before:
+                old.append(path)
+        except FileNotFoundError:
+            continue
+    return old
+
+
 def list_files(folder: Path) -> list[str]:
     """The names of the files in `folder` (none if it is not there)."""
     try:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 import aiosqlite
 
 from bot.dbwriter import GroupWriter, Op
-from bot.image_files import list_files, make_dirs, unlink_all, write_files
+from bot.image_files import list_files, make_dirs, older_than, unlink_all, write_files
 from bot.images import extension_for
 from bot.job_rows import JOB_COLUMNS, insert_job_op, row_to_job
 from bot.jobs import BATCH_PLATFORM, GeneratedImage, Job, StoredImage, Target, UserRef
@@ -62,6 +63,9 @@ class DayTotals:
 # each holds or has spent.
 COUNTED = "j.status IN ('queued','running','succeeded') AND j.cached_from IS NULL"
 HELD_OR_SPENT = "CASE WHEN j.status = 'succeeded' THEN j.cost_usd ELSE j.reserved_usd END"
+
+
+EXPIRE_CHUNK = 5000  # image rows deleted in one transaction
 
 
 class Spend(NamedTuple):
@@ -235,7 +239,13 @@ class Store:
         ]
         files = [(s.path, img.data) for s, img in zip(stored, images, strict=True)]
         await self._files.run(partial(write_files, files))
-        await self._writer.run(*self.image_ops(stored), *ops)
+        try:
+            await self._writer.run(*self.image_ops(stored), *ops)
+        except (sqlite3.Error, OSError):
+            # Not committed (a full disk): no row will name these files, so no retention pass
+            # would find them; the job ends without them.
+            await self._files.run(partial(unlink_all, [s.path for s in stored]))
+            raise
         return stored
 
     async def read_images(self, images: Sequence[StoredImage]) -> list[bytes]:
@@ -417,13 +427,24 @@ class Store:
 
     async def expire_images(self, before: float) -> int:
         """Delete the image files (and rows) of jobs finished before `before`, and the reference
-        photos users sent for them; the job rows stay. Returns the images deleted."""
+        photos users sent for them; the job rows stay. Returns the images deleted.
+
+        All of them, in chunks (one pass an hour: a bot making more than a chunk an hour
+        would otherwise fall behind its retention, and fill the disk)."""
         refs = await self._expire_references(before)
         if refs:
             log.info("deleted %d reference images of jobs that ended long ago", refs)
+        total = 0
+        while (deleted := await self._expire_chunk(before)) > 0:
+            total += deleted
+            if deleted < EXPIRE_CHUNK:
+                break
+        return total
+
+    async def _expire_chunk(self, before: float) -> int:
         rows = await self.fetch(
             "SELECT i.job_id, i.idx, i.path FROM images i JOIN jobs j ON j.id = i.job_id "
-            "WHERE j.finished_at < ? LIMIT 5000",
+            f"WHERE j.finished_at < ? LIMIT {EXPIRE_CHUNK}",
             (before,),
         )
         if not rows:
@@ -447,7 +468,8 @@ class Store:
         return len(rows)
 
     async def _expire_references(self, before: float) -> int:
-        """Delete the reference photos of jobs finished before `before`.
+        """Delete the reference photos of jobs finished before `before`, and those no job row
+        names that are older than that (a crash between saving them and the job's row).
 
         Found from the files there are, not from the rows: a row keeps its paths (a reroll
         then says the photos are gone, rather than run without them), and the work is the
@@ -459,13 +481,22 @@ class Store:
             by_job.setdefault(name.rpartition("-")[0], []).append(name)
         ids = list(by_job)
         doomed: list[Path] = []
+        orphans: list[Path] = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             rows = await self.fetch(
-                f"SELECT id FROM jobs WHERE finished_at < ? AND id IN ({','.join('?' * len(chunk))})",
-                (before, *chunk),
+                f"SELECT id, finished_at FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
             )
-            doomed += [self.refs_dir / name for row in rows for name in by_job[str(row[0])]]
+            ended = {str(row[0]): row[1] for row in rows}
+            for job_id in chunk:
+                paths = [self.refs_dir / name for name in by_job[job_id]]
+                if job_id not in ended:
+                    orphans += paths  # (or a submit writing its row now: judged by age)
+                elif ended[job_id] is not None and ended[job_id] < before:
+                    doomed += paths
+        if orphans:
+            doomed += await self._files.run(partial(older_than, orphans, before))
         if doomed:
             await self._files.run(partial(unlink_all, doomed))
         return len(doomed)

@@ -498,11 +498,6 @@ def image_files(data_dir: Path, job_id: str) -> list[Path]:
     return sorted((data_dir / "images").rglob(f"{job_id}-*"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Store.save_images writes the files, then a refused commit leaves them: no row names "
-    "them, so no retention pass ever deletes them (store.py save_images, expire_images)",
-)
 async def test_image_files_of_a_result_the_database_refused_do_not_outlive_the_retention(
     harness: Harness,
 ) -> None:
@@ -531,11 +526,6 @@ async def test_image_files_of_a_result_the_database_refused_do_not_outlive_the_r
     assert image_files(harness.data_dir, ticket.job_id) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_expire_references deletes a photo only if its job row exists and has finished: "
-    "photos a crash left without a row are kept for ever, past IMAGE_RETENTION_DAYS",
-)
 async def test_reference_photos_no_job_row_names_are_deleted_after_the_retention(
     tmp_path: Path,
 ) -> None:
@@ -558,11 +548,6 @@ async def test_reference_photos_no_job_row_names_are_deleted_after_the_retention
         await store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="expire_images takes LIMIT 5000 rows and the sweeper runs it once an hour: past "
-    "5,000 images an hour the expired backlog only grows (store.py expire_images, scheduler)",
-)
 async def test_one_cleanup_pass_deletes_every_image_past_the_retention(harness: Harness) -> None:
     """A busy bot (or retention switched on for an old data dir) has 6,000 expired images.
 
