@@ -46,6 +46,7 @@ class GroupWriter:
         self._pool = pool
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False  # `stop` has queued its end mark
 
     @classmethod
     async def open(cls, path: Path, pragmas: Sequence[str] = ()) -> GroupWriter:
@@ -78,8 +79,9 @@ class GroupWriter:
 
     @property
     def running(self) -> bool:
-        """Whether units can be run or posted."""
-        return self._task is not None and not self._task.done()
+        """Whether units can be run or posted (not once `stop` began: a unit queued behind its
+        end mark would never be written, and its caller would wait for ever)."""
+        return self._task is not None and not self._task.done() and not self._stopping
 
     async def run(self, *ops: Op) -> None:
         """Commit `ops` as one atomic unit, or raise the database's error."""
@@ -107,9 +109,13 @@ class GroupWriter:
         """Write everything already queued, then stop."""
         if self._task is None:
             return
+        self._stopping = True
         self._queue.put_nowait(None)
-        await self._task
-        self._task = None
+        try:
+            await self._task
+        finally:
+            self._task = None
+            self._stopping = False
 
     async def close(self) -> None:
         """Stop, then close the connection and its thread."""
