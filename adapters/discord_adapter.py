@@ -159,8 +159,13 @@ class DiscordAdapter:
         self._accepting = False
 
     def healthy(self) -> bool:
-        """For /healthz: connected to the gateway and ready."""
-        return self.client is not None and self.client.is_ready() and not self.client.is_closed()
+        """For /healthz: connected to the gateway and ready. (`is_ready` stays true while
+        discord.py reconnects, for as long as that takes: the socket says whether it is up.)"""
+        client = self.client
+        if client is None or not client.is_ready() or client.is_closed():
+            return False
+        ws = client.ws
+        return ws is not None and ws.open
 
     async def close(self) -> None:
         await self.outbox.close()
@@ -336,7 +341,7 @@ class DiscordAdapter:
         try:
             async with asyncio.timeout(self.reference_timeout):  # not aiohttp's five minutes
                 data = await image.read()
-        except (discord.HTTPException, TimeoutError):
+        except (discord.HTTPException, aiohttp.ClientError, TimeoutError):  # (cut off midway)
             raise InvalidRequest("error.reference_unreadable") from None
         if len(data) > self.max_reference_bytes:
             raise InvalidRequest(

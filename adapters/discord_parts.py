@@ -36,6 +36,8 @@ ALREADY_ACKNOWLEDGED = 40060
 MISSING_ACCESS = 50001
 MISSING_PERMISSIONS = 50013
 INVALID_WEBHOOK_TOKEN = 50027
+THREAD_ARCHIVED = 50083  # "Operation cannot be performed on an archived thread"
+THREAD_LOCKED = 160005
 
 
 # What Discord's markdown reads anywhere in a line: emphasis, spoilers and code; `[` opens a
@@ -67,8 +69,9 @@ def not_permitted(exc: discord.HTTPException) -> bool:
 
 
 def channel_gone(exc: discord.HTTPException) -> bool:
-    """The channel was deleted (10003): the user can only be reached in their DMs."""
-    return exc.code == UNKNOWN_CHANNEL
+    """The channel was deleted (10003), or is a thread archived or locked (a moderator's
+    doing, not undone by waiting): the user can only be reached in their DMs."""
+    return exc.code in (UNKNOWN_CHANNEL, THREAD_ARCHIVED, THREAD_LOCKED)
 
 
 def unreachable(exc: discord.HTTPException) -> bool:

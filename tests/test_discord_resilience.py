@@ -803,7 +803,7 @@ async def test_a_channel_deleted_before_delivery_tells_the_user_by_dm(
         dm = fake.dm_channels.get(USER["id"])
         assert dm is not None, "no DM channel was ever opened to tell the user"
         (post,) = fake.channel_posts(dm)  # the result, once: no "done" after it
-        assert post.files and "is gone, so here it is" in post.payload["content"]
+        assert post.files and "is gone or closed, so here it is" in post.payload["content"]
     finally:
         await close_bot(b)
 
