@@ -246,16 +246,22 @@ class DiscordAdapter:
     async def ephemeral(
         self, interaction: Inter, answer: Callable[[UserRef, str], Awaitable[str]]
     ) -> None:
-        """Defer (only the user sees it), compute the answer, edit it in."""
+        """Defer (only the user sees it), compute the answer, edit it in.
+
+        An ack Discord refused (it came too late) still does what was asked (a /cancel, a
+        /grant): the user saw "did not respond", not a refusal, and may not try again. Only the
+        answer, which was for their eyes, is not shown.
+        """
         acked = await self._defer(interaction, ephemeral=True)
-        if acked is None:
-            return
         lang = _lang(interaction)
         try:
             self.chat.admit(_user(interaction), self._target(interaction, acked))
             reply = await answer(_user(interaction), lang)
         except UserError as exc:
             reply = _error(lang, exc)
+        if acked is None:
+            log.info("discord: interaction %s done, its answer not shown (no ack)", interaction.id)
+            return
         await self._edit_original(interaction, reply)
 
     async def _edit_original(self, interaction: Inter, content: str) -> None:
@@ -464,16 +470,14 @@ class DiscordAdapter:
             log.info("discord: button press %s not answered (%s)", interaction.id, exc)
 
     async def on_cancel(self, interaction: Inter, job_id: str) -> None:
-        """✖: cancel the job (only its owner may); the job's status message says so itself."""
-        if await self._defer(interaction, ephemeral=True) is None:
-            return
-        lang = _lang(interaction)
-        try:
-            job = await self.engine.cancel(_user(interaction), job_id)
-            reply = t(lang, "cancel.done", job=job.id)
-        except UserError as exc:
-            reply = _error(lang, exc)
-        await self._edit_original(interaction, reply)
+        """✖: cancel the job (only its owner may); the job's status message says so itself
+        (so a press whose ack came too late still cancels, as `ephemeral` does)."""
+
+        async def answer(user: UserRef, lang: str) -> str:
+            job = await self.engine.cancel(user, job_id)
+            return t(lang, "cancel.done", job=job.id)
+
+        await self.ephemeral(interaction, answer)
 
     # ---- the engine's side (bot.adapter.Adapter) --------------------------------------------
 

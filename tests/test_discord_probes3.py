@@ -400,12 +400,6 @@ async def test_an_ack_held_past_three_seconds_by_a_429_is_served_in_the_channel_
 # ---- a press or a command Discord would not let the bot acknowledge ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on_cancel and ephemeral() return as soon as the ack is refused (10062): a cancel "
-    "the bot was late to ack is dropped, the job runs and is charged (an /imagine that late "
-    "is still served)",
-)
 @pytest.mark.parametrize("how", ["button", "slash"])
 async def test_a_cancel_the_bot_was_too_late_to_acknowledge_still_cancels(
     harness: Harness, fake: ProbeDiscord, how: str
