@@ -30,6 +30,8 @@ from adapters.discord_parts import (
     fit_all,
     human_bytes,
     not_permitted,
+    refused_for_now,
+    retry_wait,
     token_gone,
     unreachable,
 )
@@ -45,6 +47,7 @@ log = logging.getLogger("drawbridge.discord")
 
 
 CAPTION_PROMPT_MAX = 1500  # characters of the escaped prompt in a result's caption (limit 2000)
+FINAL_TRIES = 3  # a job's final status edit, refused for now (`refused_for_now`)
 SETTLE_WAITS = (0.5, 1.0)  # seconds before the deferred response's edit is tried again
 
 
@@ -175,13 +178,21 @@ class DiscordOutbox:
         self._board.push(job.id, status, final=status.final)
 
     async def _send_status(self, job_id: str, status: _Status) -> None:
-        """Edit the status message wherever it lives; a final state ends the job's bookkeeping."""
+        """Edit the status message wherever it lives; a final state ends the job's bookkeeping.
+
+        A final state refused for now (a 429 discord.py does not wait out, Cloudflare's; a
+        5xx) is tried again, `FINAL_TRIES` times in all: posted anew at the first refusal, the
+        reply said "Generating… ✖" for good beside a second message saying done.
+        """
         job = status.job
-        ref = self._status_refs.get(job_id) or job.status_message_id
         view = button_view(status.buttons, job.id, job.lang)
         meta = InteractionMeta.load(job.target.meta)
         posting = False
-        try:
+
+        async def once() -> None:
+            nonlocal posting
+            posting = False
+            ref = self._status_refs.get(job_id) or job.status_message_id
             if meta is not None and self._token_alive(job_id, meta):
                 try:
                     if await self._edit_via_token(job_id, meta, ref, status.text, view):
@@ -198,10 +209,20 @@ class DiscordOutbox:
                 # the channel hears it, with a mention. Progress on a dead token just waits.
                 posting = True
                 await self._post_status(job, status.text, view)
-        except discord.HTTPException as exc:
-            self._log_http("status of job " + job_id, job.target.chat_id, exc)
-            if status.final and not status.quiet:
-                await self._tell_anyway(job, status.text, view, exc, edited=not posting)
+
+        try:
+            for attempt in range(1, FINAL_TRIES + 1):
+                try:
+                    await once()
+                    return
+                except discord.HTTPException as exc:
+                    if status.final and attempt < FINAL_TRIES and refused_for_now(exc):
+                        await asyncio.sleep(retry_wait(exc, attempt))
+                        continue
+                    self._log_http("status of job " + job_id, job.target.chat_id, exc)
+                    if status.final and not status.quiet:
+                        await self._tell_anyway(job, status.text, view, exc, edited=not posting)
+                    return
         finally:
             if status.final:
                 self._forget(job_id)

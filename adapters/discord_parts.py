@@ -24,6 +24,7 @@ from bot.texts import pick_lang, t
 Inter = discord.Interaction[discord.Client]
 
 TOKEN_TTL = 15 * 60.0  # an interaction token answers followups and edits for 15 minutes
+RETRY_WAIT_MAX = 10.0  # seconds: the longest wait before trying a refused final edit again
 TOKEN_MARGIN = 60.0  # stop trusting it a minute early: an upload can take that long
 DEFAULT_FILE_LIMIT = 10 * 1024 * 1024  # discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 FILES_PER_MESSAGE = 10
@@ -72,6 +73,23 @@ def channel_gone(exc: discord.HTTPException) -> bool:
     """The channel was deleted (10003), or is a thread archived or locked (a moderator's
     doing, not undone by waiting): the user can only be reached in their DMs."""
     return exc.code in (UNKNOWN_CHANNEL, THREAD_ARCHIVED, THREAD_LOCKED)
+
+
+def refused_for_now(exc: discord.HTTPException) -> bool:
+    """A refusal that waiting may undo: a 429 that discord.py did not wait out itself (a
+    Cloudflare one, without `Via`, or past its own tries), or Discord's 5xx."""
+    return exc.status == 429 or exc.status >= 500
+
+
+def retry_wait(exc: discord.HTTPException, attempt: int) -> float:
+    """Seconds before try `attempt + 1`: the response's Retry-After, else 1, 2, 4 …; at most
+    RETRY_WAIT_MAX (a ban of an hour is not waited out for one edit)."""
+    headers = getattr(exc.response, "headers", None) or {}
+    try:
+        wait = float(headers.get("Retry-After", ""))
+    except ValueError:
+        wait = float(2 ** (attempt - 1))
+    return min(max(wait, 0.1), RETRY_WAIT_MAX)
 
 
 def unreachable(exc: discord.HTTPException) -> bool:

@@ -280,12 +280,6 @@ def once_after(fake: ProbeDiscord, inter: FakeInteraction, started: Callable[[],
     fake.cloudflare = picks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbox._send_status tries a final edit once: a 429 discord.py does not wait out "
-    "leaves the reply 'Generating… ✖ Cancel' under a delivered result, and posts a second "
-    "'✅ Done' message pinging the user",
-)
 async def test_a_done_edit_refused_once_by_cloudflare_still_ends_the_status_message(
     bot: Any, fake: ProbeDiscord, harness: Harness
 ) -> None:
@@ -304,11 +298,6 @@ async def test_a_done_edit_refused_once_by_cloudflare_still_ends_the_status_mess
     assert ended and not fake.original(inter)["components"] and not extra, (shown, extra)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a result posted in the channel because its reply could not be settled leaves that "
-    "reply 'thinking…' for good when the quiet '✅ Done' edit meets one 429 (tried once)",
-)
 async def test_a_reply_that_could_not_be_settled_does_not_stay_thinking(
     bot: Any, fake: ProbeDiscord, harness: Harness
 ) -> None:
