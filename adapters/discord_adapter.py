@@ -115,6 +115,7 @@ class DiscordAdapter:
             intents=discord.Intents(guilds=True),
             allowed_mentions=discord.AllowedMentions.none(),
             guild_ready_timeout=self.guild_ready_timeout,
+            gateway=None if self.gateway_url == DEFAULT_GATEWAY_URL else yarl.URL(self.gateway_url),
         )
         tree: app_commands.CommandTree[DrawbridgeClient] = DrawbridgeTree(client)
         tree.error(self._on_tree_error)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import discord
+import yarl
 from discord import app_commands
 from PIL import Image
 
@@ -173,10 +174,26 @@ SEEN_INTERACTIONS = 4096  # interaction ids remembered, to drop an event deliver
 class DrawbridgeClient(discord.Client):
     """A `discord.Client` that knows its adapter, so persistent buttons can reach it."""
 
-    def __init__(self, handler: ButtonHandler, **options: Any) -> None:
+    def __init__(
+        self, handler: ButtonHandler, *, gateway: yarl.URL | None = None, **options: Any
+    ) -> None:
         super().__init__(**options)
         self.handler = handler
         self._seen: OrderedDict[int, None] = OrderedDict()
+        if gateway is not None:
+            # Behind a gateway proxy (DISCORD_GATEWAY_URL), come back through it after a drop:
+            # discord.py resumes at READY's `resume_gateway_url`, Discord's own address, around
+            # the proxy (where the network reaches Discord only through it: never back). Its
+            # socket takes that address just before it hands READY to this parser.
+            parsers = self._connection.parsers
+            parse_ready = parsers["READY"]
+
+            def ready(data: Any) -> None:
+                if self.ws is not None:
+                    self.ws.gateway = gateway
+                parse_ready(data)
+
+            parsers["READY"] = ready
 
     def first_time(self, interaction: Inter) -> bool:
         """False for an interaction this process has had before: the gateway can deliver an

@@ -223,12 +223,6 @@ async def test_healthz_says_unwell_while_the_gateway_is_away(
         await close_bot(b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the adapter points discord.py's DEFAULT_GATEWAY at DISCORD_GATEWAY_URL, but "
-    "discord.py RESUMEs at READY's resume_gateway_url: behind a gateway proxy the first drop "
-    "sends the bot around it, and where that address is unreachable it never comes back",
-)
 async def test_behind_a_gateway_proxy_a_dropped_connection_comes_back_through_the_proxy(
     harness: Harness, fake: ProbeDiscord
 ) -> None:
