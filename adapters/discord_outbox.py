@@ -375,10 +375,7 @@ class DiscordOutbox:
                         "discord: job=%s token gone (%s): posting to the channel", job.id, exc.code
                     )
         if not posted:
-            # A channel upload is held to the default limit whatever the interaction allowed.
-            limit = min(limit, DEFAULT_FILE_LIMIT)
-            uploads = await self._uploads(job, images, limit)
-            posted = await self._post_to_channel(job, uploads, limit)
+            posted = await self._post_in_channel(job, images, limit)
             quiet = True  # the mention on the result is the news; "done" is only an edit
         self.show_delivered(job, quiet=quiet)
         return ",".join(posted)
@@ -489,6 +486,28 @@ class DiscordOutbox:
             for i, group in enumerate(groups)
         ]
 
+    async def _post_in_channel(
+        self, job: Job, images: Sequence[StoredImage], limit: int
+    ) -> list[str]:
+        """The result as a channel message, within the guild's upload limit (a boosted guild's
+        is raised for a bot's uploads too; the interaction said what it is), else the default
+        10 MiB. Refused as too large at the guild's limit (413), it goes at the default; the
+        DMs, where the channel is closed to us, take the default only."""
+        if job.target.guild_id is None:
+            limit = min(limit, DEFAULT_FILE_LIMIT)
+        while True:
+            uploads = await self._uploads(job, images, limit)
+            try:
+                return await self._post_to_channel(job, uploads, limit)
+            except _TooLarge:
+                limit = DEFAULT_FILE_LIMIT
+            except _ChannelClosed as closed:
+                if limit > DEFAULT_FILE_LIMIT:
+                    uploads = await self._uploads(job, images, DEFAULT_FILE_LIMIT)
+                return await self._post_to_dm(
+                    job, uploads, DEFAULT_FILE_LIMIT, gone=channel_gone(closed.exc)
+                )
+
     async def _post_to_channel(self, job: Job, uploads: list[Upload], limit: int) -> list[str]:
         channel = self._channel(job.target.chat_id)
         posted: list[str] = []
@@ -503,10 +522,12 @@ class DiscordOutbox:
                 posted.append(str(sent.id))
             return posted
         except discord.HTTPException as exc:
+            if not posted and exc.status == 413 and limit > DEFAULT_FILE_LIMIT:
+                raise _TooLarge() from None
             if not unreachable(exc) or posted:
                 raise _delivery_error(exc) from None
             self._log_http("result of job " + job.id, job.target.chat_id, exc)
-            return await self._post_to_dm(job, uploads, limit, gone=channel_gone(exc))
+            raise _ChannelClosed(exc) from None
 
     async def _post_to_dm(
         self, job: Job, uploads: list[Upload], limit: int, *, gone: bool = False
@@ -576,6 +597,18 @@ class _Unsettled(Exception):
 
 def _mention(job: Job) -> discord.AllowedMentions:
     return discord.AllowedMentions(users=[discord.Object(int(job.user.user_id))])
+
+
+class _TooLarge(Exception):
+    """A channel refused an upload within the guild's limit as too large (413)."""
+
+
+class _ChannelClosed(Exception):
+    """The channel will not take the result (`unreachable`): the DMs are the way."""
+
+    def __init__(self, exc: discord.HTTPException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
 
 
 def _delivery_error(exc: discord.HTTPException) -> DeliveryError:

@@ -563,12 +563,6 @@ async def test_a_boosted_guilds_upload_limit_carries_an_11_mb_png_as_it_is(
         await close_bot(b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbox.deliver holds every channel upload to the default 10 MiB "
-    "(min(limit, DEFAULT_FILE_LIMIT)) though the job kept its guild's attachment_size_limit: "
-    "a boosted guild's late result is re-encoded as a smaller JPEG",
-)
 async def test_a_boosted_guilds_late_result_in_the_channel_is_not_shrunk(
     harness: Harness, fake: ProbeDiscord
 ) -> None:
@@ -593,6 +587,29 @@ async def test_a_boosted_guilds_late_result_in_the_channel_is_not_shrunk(
             part.filename,
             post.payload["content"][-60:],
         )
+    finally:
+        await close_bot(b)
+
+
+async def test_a_channel_that_refuses_the_guilds_limit_gets_the_result_within_the_default(
+    harness: Harness, fake: ProbeDiscord
+) -> None:
+    """The interaction said 50 MiB but the channel takes 10 (413 40005): the result is not
+    lost as "too large" but sent again, shrunk to the default limit."""
+    harness.provider = BigProvider()
+    gate = harness.provider.gates["boosted late"] = asyncio.Event()
+    now = [time.time()]
+    b = await start_bot(harness, fake, clock=lambda: now[0])
+    try:
+        inter = await fake.slash("imagine", {"prompt": "boosted late"}, limit=50 * MiB)
+        await fake.wait_for(lambda: "Generating" in content(fake, inter))
+        now[0] += 16 * 60
+        fake.expire(inter.token)
+        gate.set()
+        (post,) = await fake.wait_for(lambda: fake.channel_results(), within=30)
+        (part,) = post.files
+        assert len(part.data) <= 10 * MiB < len(big_png())
+        assert "Shrunk" in post.payload["content"]
     finally:
         await close_bot(b)
 
