@@ -54,8 +54,11 @@ class OperatorControls(Scheduler):
         adapter = self.adapters.get(target.platform)
         if adapter is None:
             raise UserError("error.no_images", job=job.id)
+        # Posted here, as a new message: the job's status message (in the chat it was asked in;
+        # a message id counts per chat) is not this one's to edit.
+        again = replace(job, target=target, status_message_id=None)
         async with asyncio.timeout(self.config.deliver_timeout):
-            await adapter.deliver(replace(job, target=target), existing)
+            await adapter.deliver(again, existing)
         return len(existing)
 
     async def apply(self, ops: Sequence[Op], source: tuple[UserRef, Target] | None = None) -> None:

@@ -486,11 +486,6 @@ async def test_after_a_kick_mid_job_the_member_gets_the_result_in_a_dm_with_show
     await tg.wait_text(f"Here are the 1 image(s) of job {job_id}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/show in another chat edits that chat's message with the job's status-message id "
-    "(ids are per chat): it overwrites an unrelated bot message there with '✅ Done'",
-)
 async def test_show_in_another_chat_never_edits_a_message_there(rig: Rig, tg: FakeTelegram) -> None:
     await rig.start()
     tg.message("/imagine a harbour at noon", user=bob(tg), chat=group_chat(tg))
