@@ -269,11 +269,22 @@ _COUNT = re.compile(r"[0-9]{1,7}")  # ASCII digits: "²".isdigit() is true, int(
 _MEMBER = re.compile(r"(?:([a-z]+):)?([A-Za-z0-9_.-]{1,64})")
 
 
+# Telegram and Discord know users by number (a Telegram chat identity's is negative): on them a
+# name (`@alice`) names nobody, and a /grant or /ban "done" for it would reach no one.
+_NUMERIC_IDS = {"telegram": re.compile(r"-?[0-9]{1,20}"), "discord": re.compile(r"[0-9]{1,20}")}
+
+
 def _member(arg: str, caller: UserRef, platforms: frozenset[str]) -> str | None:
     """`telegram:123` as given, a bare id on the caller's platform; None for anything that
-    could never name a user (`telegram:`, `telegarm:1`, `:5`)."""
+    could never name a user (`telegram:`, `telegarm:1`, `:5`). A name where the platform
+    has numbers (`@alice` on Telegram) is refused with a hint where to find the number."""
     match = _MEMBER.fullmatch(arg.strip().lstrip("@"))
     if match is None:
         return None
     platform = match[1] or caller.platform
-    return f"{platform}:{match[2]}" if platform in platforms else None
+    if platform not in platforms:
+        return None
+    numeric = _NUMERIC_IDS.get(platform)
+    if numeric is not None and not numeric.fullmatch(match[2]):
+        raise InvalidRequest("error.member_by_number", platform=platform)
+    return f"{platform}:{match[2]}"

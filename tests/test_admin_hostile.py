@@ -173,19 +173,28 @@ async def test_odd_ids_are_refused_and_well_formed_ones_banned_and_audited(
 ) -> None:
     engine = await admin_engine(harness)
     chat = Chat(engine)
-    for member in ("discord:abc", "@alice", "telegram:12345"):
+    for member in ("discord:4242", "@alice", "telegram:12345", "telegram:-1001234"):
         reply = await ask(chat, BOSS, f"/ban {member}")
         assert not reply.error and "is banned" in reply.text
         assert "\n" not in reply.text and len(reply.text) < MAX_REPLY
+    # Telegram and Discord know users by number: a name there names nobody.
+    for member in ("discord:abc", "telegram:alice_smith", "telegram:1.5"):
+        reply = await ask(chat, BOSS, f"/ban {member}")
+        assert reply.error and "by number" in reply.text, member
     # Ids that could never name a user are refused, not "banned": markup, an empty id, an
     # unknown platform (a typo), no platform at all.
     for member in ("<b>", "telegram:<i>1</i>", "telegram:", ":5", "telegarm:1"):
         assert "Use: /ban" in await say(chat, BOSS, f"/ban {member}"), member
     assert "Use: /ban" in await say(chat, BOSS, "/ban telegram:1 2")
     assert "Use: /unban" in await say(chat, BOSS, "/unban")
-    assert engine.operator.bans == {"discord:abc", "test:alice", "telegram:12345"}
+    assert engine.operator.bans == {
+        "discord:4242",
+        "test:alice",
+        "telegram:12345",
+        "telegram:-1001234",
+    }
     subjects = [r[2] for r in await audit(harness)]
-    assert subjects == ["discord:abc", "test:alice", "telegram:12345"]
+    assert subjects == ["discord:4242", "test:alice", "telegram:12345", "telegram:-1001234"]
     assert "not open to you" in await say(chat, ALICE, "/imagine a fox")
 
 

@@ -270,11 +270,6 @@ async def test_an_ungranted_user_at_the_limit_fails_over(harness: Harness, tmp_p
     await balanced(engine, harness)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/grant @name on Telegram reports success for 'telegram:name', an id no Telegram "
-    "user has (ids are numbers): the operator thinks the user got the images",
-)
 async def test_a_grant_to_a_telegram_username_is_not_reported_as_done(harness: Harness) -> None:
     boss = UserRef("telegram", "1")
     engine = await harness.engine(admin_ids=frozenset({"telegram:1"}), limits=Limits(user_images=1))

@@ -201,11 +201,6 @@ async def test_a_link_code_asked_for_in_a_group_cannot_be_taken_by_another_membe
 # ---- admin commands: the names people type ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/ban @bob (Telegram's way to name a member) answers 'telegram:bob is banned', and "
-    "Bob, whose id is 77, goes on being served",
-)
 async def test_ban_by_username_bans_that_member_or_says_it_cannot(
     rig: Rig, tg: FakeTelegram
 ) -> None:
@@ -222,10 +217,6 @@ async def test_ban_by_username_bans_that_member_or_says_it_cannot(
     assert not ("is banned" in (answer.text or "") and served), answer.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/grant @bob 5 answers 'telegram:bob gets 5 extra image(s)' and Bob, id 77, gets none",
-)
 async def test_grant_by_username_reaches_that_member_or_says_it_cannot(
     rig: Rig, tg: FakeTelegram
 ) -> None:
