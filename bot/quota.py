@@ -146,15 +146,31 @@ class Quotas:
             # Holding more dollars only (a dearer backup route) adds no images: the image
             # limits are not asked again (a grant, or a lowered limit, is not in play then).
             image_limit = lim.user_images + extra_images if lim.user_images and images else 0
+            # Some left but less than asked: say what is left, so they can ask for that now
+            # (not "resets tomorrow" to someone who may still make three images today).
             if image_limit and tally.images + images > image_limit:
+                if tally.images < image_limit:
+                    left = image_limit - tally.images
+                    raise QuotaExceeded(
+                        "error.quota_images_left", asked=images, left=left, limit=image_limit
+                    )
                 raise QuotaExceeded("error.quota_images", used=tally.images, limit=image_limit)
             if lim.user_usd and tally.usd + usd > lim.user_usd + _EPS:
-                raise QuotaExceeded(
-                    "error.quota_usd", used=money(tally.usd), limit=money(lim.user_usd)
-                )
+                limit = money(lim.user_usd)
+                if tally.usd < lim.user_usd - _EPS:
+                    rest = money(lim.user_usd - tally.usd)
+                    raise QuotaExceeded(
+                        "error.quota_usd_left", cost=money(usd), left=rest, limit=limit
+                    )
+                raise QuotaExceeded("error.quota_usd", used=money(tally.usd), limit=limit)
             if scope is not None and scope[1] and images:
                 held = self._scopes.get((scope[0], day), 0)
                 if held + images > scope[1]:
+                    if held < scope[1]:
+                        left = scope[1] - held
+                        raise QuotaExceeded(
+                            "error.quota_chat_left", asked=images, left=left, limit=scope[1]
+                        )
                     raise QuotaExceeded("error.quota_chat", used=held, limit=scope[1])
         if scope is not None:
             self._scopes[(scope[0], day)] = self._scopes.get((scope[0], day), 0) + images

@@ -288,17 +288,13 @@ async def test_a_grant_to_a_numeric_telegram_id_reaches_that_user(harness: Harne
     assert "telegram:42 gets 2 extra" in await say(chat, boss, "/grant 42 2")
     assert "Today: 0 of 3 images" in await say(chat, alice, "/usage")
     assert "Queued" in await say(chat, alice, "/imagine a fox --n 3")
-    assert "used 0 of your 1" in await say(chat, UserRef("telegram", "43"), "/imagine a fox --n 2")
+    text = await say(chat, UserRef("telegram", "43"), "/imagine a fox --n 2")
+    assert "asked for 2 images; 1 of your 1 are left" in text
 
 
 # ---- what a refused user is told --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="error.quota_images/error.quota_usd say 'used X of Y, resets tomorrow' when the ask "
-    "is only bigger than what is left: the user is not told they may still ask for less",
-)
 @pytest.mark.parametrize("limit", ["images", "usd"])
 async def test_asking_for_more_than_is_left_says_what_is_left(harness: Harness, limit: str) -> None:
     limits = Limits(user_images=10) if limit == "images" else Limits(user_usd=5.0)
