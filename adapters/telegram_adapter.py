@@ -357,8 +357,19 @@ class TelegramAdapter:
             return
         if _speaker(msg) is None:
             return
-        if msg.migrate_to_chat_id:  # the group became a supergroup: follow it from now on
-            self.sender.migrated[msg.chat.id] = msg.migrate_to_chat_id
+        # The group became a supergroup (Telegram says so in both): follow it from now on, its
+        # policy and its place in ALLOWED_IDS too.
+        moved = (
+            (msg.chat.id, msg.migrate_to_chat_id)
+            if msg.migrate_to_chat_id
+            else (msg.migrate_from_chat_id, msg.chat.id)
+            if msg.migrate_from_chat_id
+            else None
+        )
+        if moved is not None:
+            old, new = moved
+            self.sender.migrated[old] = new
+            await self.engine.chat_moved(self.platform, str(old), str(new))
             return
         if msg.media_group_id is not None and msg.forward_origin is None:
             self.albums.add(msg)  # handled as one message once all its parts have come

@@ -107,7 +107,7 @@ class Chat:
         Every command checks it, not only /imagine: a private bot answers strangers with one
         short refusal, and shows them nothing of its models, limits or anyone's jobs.
         """
-        if not self.engine.config.allowed(str(user), target):
+        if not self.engine.allowed(str(user), target):
             raise NotAllowed()
 
     async def imagine(

@@ -149,7 +149,7 @@ class Engine(OperatorControls):
         user = str(request.user)
         account = self.operator.account_of(user)
         admin = self.is_admin(user)
-        if not cfg.allowed(user, request.target) or (not admin and self.operator.banned(user)):
+        if not self.allowed(user, request.target) or (not admin and self.operator.banned(user)):
             raise NotAllowed()
         spec, prompt, options = validate_request(
             request, self.catalog, self.default_model, self.router.available, cfg.max_prompt_chars

@@ -41,12 +41,16 @@ class EngineConfig:
     result_cache_ttl: float = 0.0  # seconds; 0 = off
     image_retention_days: float = 30.0  # 0 = keep forever
 
-    def allowed(self, user: str, target: Target) -> bool:
+    def allowed(self, user: str, target: Target, moved_from: Sequence[str] = ()) -> bool:
+        """Whether ALLOWED_IDS serves `user` at `target`; `moved_from`, the scopes the chat
+        was before (a group before it became a supergroup), count as the chat."""
         if not self.allowed_ids or user in self.allowed_ids or user in self.admin_ids:
             return True
         chat = f"{target.platform}-chat:{target.chat_id}"
         guild = f"{target.platform}-guild:{target.guild_id}" if target.guild_id else None
-        return chat in self.allowed_ids or (guild is not None and guild in self.allowed_ids)
+        return any(
+            scope in self.allowed_ids for scope in (chat, *moved_from, guild) if scope is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)

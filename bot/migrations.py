@@ -183,6 +183,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE jobs ADD COLUMN n_requested INTEGER",
         "UPDATE jobs SET n_requested = n_images",
     ),
+    (
+        # v9: a chat that moved to a new id (a Telegram group that became a supergroup): its
+        # policy and its place in ALLOWED_IDS follow it.
+        "CREATE TABLE chat_moves (scope TEXT PRIMARY KEY, moved_from TEXT NOT NULL, at REAL NOT NULL)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -142,6 +142,7 @@ class Operator:
     grants: dict[tuple[str, str], int] = field(default_factory=dict)  # (account, day) → images
     policies: dict[str, Policy] = field(default_factory=dict)
     blocklist: Blocklist = field(default_factory=Blocklist)
+    moves: dict[str, str] = field(default_factory=dict)  # scope → the scope it moved from
 
     @classmethod
     def from_rows(
@@ -151,6 +152,7 @@ class Operator:
         grants: Iterable[Sequence[Any]],
         policies: Iterable[Sequence[Any]],
         blocklist: Blocklist | None = None,
+        moves: Iterable[Sequence[Any]] = (),
     ) -> Operator:
         op = cls(blocklist=blocklist or Blocklist())
         op.accounts = {str(r[0]): str(r[1]) for r in accounts}
@@ -159,6 +161,7 @@ class Operator:
         for r in policies:
             models = tuple(m for m in str(r[1]).split(",") if m)
             op.policies[str(r[0])] = Policy(str(r[0]), models, int(r[2]), int(r[3]), bool(r[4]))
+        op.moves = {str(r[0]): str(r[1]) for r in moves}
         return op
 
     # ---- reads (no await: used inside submit's check-and-reserve) --------------------------
@@ -186,6 +189,13 @@ class Operator:
     def policy(self, target: Target) -> Policy:
         scope = scope_of(target)
         return self.policies.get(scope) or Policy(scope)
+
+    def origins(self, scope: str) -> list[str]:
+        """The scopes `scope` moved from, nearest first (a group, then its supergroup …)."""
+        found: list[str] = []
+        while (scope := self.moves.get(scope, "")) and scope not in found and len(found) < 8:
+            found.append(scope)
+        return found
 
     # ---- changes -------------------------------------------------------------------------
 
@@ -217,6 +227,24 @@ class Operator:
             ),
             audit_op(now, actor, "grant", account, f"+{images} images on {day} (now {total})"),
         ]
+
+    def move(self, old: str, new: str, actor: str, now: float) -> list[Op]:
+        """The chat `old` lives on as `new` (Telegram upgraded a group to a supergroup): its
+        policy goes with it, unless the new one has its own; ALLOWED_IDS follows `origins`."""
+        if self.moves.get(new) == old or old == new:
+            return []
+        self.moves[new] = old
+        ops: list[Op] = [
+            (
+                "INSERT OR REPLACE INTO chat_moves (scope, moved_from, at) VALUES (?, ?, ?)",
+                (new, old, now),
+            ),
+            audit_op(now, actor, "move", new, f"from {old}"),
+        ]
+        policy = self.policies.get(old)
+        if policy is not None and new not in self.policies:
+            ops += self.set_policy(replace(policy, scope=new), actor, now)
+        return ops
 
     def set_policy(self, policy: Policy, actor: str, now: float) -> list[Op]:
         self.policies[policy.scope] = policy

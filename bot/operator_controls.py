@@ -13,7 +13,7 @@ from bot.engine_config import new_job, new_job_id
 from bot.errors import ErrorKind, InvalidRequest, JobNotFound, NotAllowed, UserError
 from bot.job_rows import insert_job_op
 from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
-from bot.operator import LINK_CODE_TTL, LINK_TRIES, command_ops
+from bot.operator import LINK_CODE_TTL, LINK_TRIES, command_ops, scope_of
 from bot.quota import days_before
 from bot.scheduler import Scheduler
 from bot.stats import usage_csv
@@ -31,6 +31,21 @@ class OperatorControls(Scheduler):
         code, ops = self.operator.new_link_code(str(user), self.clock())
         await self.store.write(*ops)
         return code
+
+    def allowed(self, user: str, target: Target) -> bool:
+        """ALLOWED_IDS, for this chat and the chats it was before (`chat_moved`)."""
+        chat = f"{target.platform}-chat:{target.chat_id}"
+        return self.config.allowed(user, target, self.operator.origins(chat))
+
+    async def chat_moved(self, platform: str, old_chat: str, new_chat: str) -> None:
+        """A chat lives on under a new id (a Telegram group upgraded to a supergroup): its
+        policy and its place in ALLOWED_IDS follow it, at once and after a restart."""
+        old = scope_of(Target(platform, chat_id=old_chat))
+        new = scope_of(Target(platform, chat_id=new_chat))
+        ops = self.operator.move(old, new, platform, self.clock())  # in memory before any await
+        if ops:
+            log.info("%s moved to %s: its policy and ALLOWED_IDS follow", old, new)
+            await self.store.write(*ops)
 
     def refuse_banned(self, user: UserRef) -> None:
         """Raise `NotAllowed` for a banned user: a ban stops the bot posting images for them,

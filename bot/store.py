@@ -402,6 +402,7 @@ class Store:
                 "SELECT scope, models, max_images, daily_images, blocklist FROM policies"
             ),
             blocklist,
+            await self._rdb.execute_fetchall("SELECT scope, moved_from FROM chat_moves"),
         )
 
     async def link_code_owner(self, code: str, now: float) -> str | None:

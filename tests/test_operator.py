@@ -238,3 +238,35 @@ async def test_allowed_ids_keep_every_command_from_strangers(harness: Harness) -
         assert "not open to you" in await say(chat, mallory, command), command
     assert "Today" in await say(chat, ALICE, "/usage")
     assert "not open to you" not in await say(chat, ALICE, "/models")
+
+
+async def test_a_moved_chat_keeps_its_policy_and_its_place_in_allowed_ids_after_a_restart(
+    harness: Harness,
+) -> None:
+    """A Telegram group upgraded to a supergroup gets a new chat id: what the operator set for
+    the group (its policy, ALLOWED_IDS naming it) holds for the supergroup, after a restart too,
+    and for a second move (supergroup to another id) as well."""
+    allowed = frozenset({"test-chat:group-1"})
+    engine = await harness.engine(admin_ids=frozenset({"test:boss"}), allowed_ids=allowed)
+    chat = Chat(engine)
+    assert "max_images=1" in await say(chat, ADMIN, "/policy max_images=1")
+    moved = Target("test", chat_id="super-1")
+    assert "not open to you" in await say(chat, ALICE, "/imagine a fox", moved)
+    await engine.chat_moved("test", "group-1", "super-1")
+    await engine.chat_moved("test", "group-1", "super-1")  # Telegram says it in both chats
+    assert "at most 1 images" in await say(chat, ALICE, "/imagine a fox --n 2", moved)
+    await engine.run_until_idle()
+
+    engine2 = await harness.engine(admin_ids=frozenset({"test:boss"}), allowed_ids=allowed)
+    chat2 = Chat(engine2)
+    assert "at most 1 images" in await say(chat2, ALICE, "/imagine a fox --n 2", moved)
+    await engine2.chat_moved("test", "super-1", "super-2")
+    again = Target("test", chat_id="super-2")
+    assert "Queued" in await say(chat2, ALICE, "/imagine a fox", again)
+    assert "not open to you" in await say(
+        chat2, ALICE, "/imagine a fox", Target("test", chat_id="x")
+    )
+    await engine2.run_until_idle()
+    async with aiosqlite.connect(harness.data_dir / "drawbridge.db") as db:
+        actions = [r[0] for r in await db.execute_fetchall("SELECT action FROM audit ORDER BY at")]
+    assert actions == ["policy", "move", "policy", "move", "policy"]

@@ -14,8 +14,6 @@ import asyncio
 import re
 from typing import Any
 
-import pytest
-
 from bot.errors import Refused
 from bot.quota import Limits
 from tests import test_telegram as base
@@ -332,11 +330,6 @@ async def test_the_original_file_button_posts_nothing_for_a_banned_member(
 # ---- a group that became a supergroup --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a chat's /policy is keyed by its chat id and not carried over when the group is "
-    "upgraded to a supergroup: the limits the operator set silently stop holding",
-)
 async def test_a_chat_policy_follows_the_group_into_its_supergroup(
     rig: Rig, tg: FakeTelegram
 ) -> None:
@@ -546,11 +539,6 @@ async def test_an_allowed_group_serves_its_members_and_channel_identities_there_
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ALLOWED_IDS telegram-chat:<group> stops serving the group once Telegram upgrades it "
-    "to a supergroup, though the bot was told of the move",
-)
 async def test_an_allowed_group_is_still_served_after_it_became_a_supergroup(
     rig: Rig, tg: FakeTelegram
 ) -> None:
