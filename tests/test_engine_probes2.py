@@ -138,7 +138,7 @@ async def test_n2_with_one_image_left_is_refused_whole_and_holds_nothing(
     await engine.submit(request(prompt="two", model="paid", n=2))
     with pytest.raises(QuotaExceeded) as refused:
         await engine.submit(request(prompt="two more", model="paid", n=2))
-    assert refused.value.params == {"used": 2, "limit": 3}
+    assert refused.value.params == {"asked": 2, "left": 1, "limit": 3}  # what is left is said
     assert engine.quotas.used("test:alice", engine.quotas.today()) == (2, pytest.approx(1.0))
     assert len(engine._jobs) == 1
     await engine.submit(request(prompt="the last one", model="paid", n=1))
