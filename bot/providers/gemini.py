@@ -284,6 +284,16 @@ class GeminiProvider:
                 code or "",
             )
             return AuthFailed(described)
+        if status == 402 or (status == 400 and code == "FAILED_PRECONDITION"):
+            # Google's API-errors page: 402 RESOURCE_EXHAUSTED, prepaid credits used up; 400
+            # FAILED_PRECONDITION, no free tier in this country and billing not enabled. The
+            # operator's to pay for, not the user's settings: alerted, and failed over.
+            log.warning(
+                "the Gemini API refuses the account (HTTP %s %s): check its billing",
+                status,
+                code or "",
+            )
+            return AuthFailed(f"the Gemini account cannot pay for this ({described})")
         if status == 404:
             log.warning("the Gemini API does not serve the model %s (HTTP 404)", model)
             return ModelUnavailable(f"gemini does not know the model {model!r} ({described})")
