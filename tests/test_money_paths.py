@@ -519,8 +519,9 @@ async def test_relay_returning_fewer_images_than_n_charges_what_came(tmp_path: P
 
 @pytest.mark.parametrize("which", ["all", "second"])
 async def test_relay_url_expired_on_download_is_not_paid_again(tmp_path: Path, which: str) -> None:
-    """Result URLs answer 403 (all) or the second of two 404: the job ends uncharged as
-    expired, the paid generation is not asked for again, and the hold is released."""
+    """Result URLs answer 403 (all) or the second of two 404: the paid generation is not asked
+    for again. All gone: the job ends uncharged as expired and the hold is released; one of
+    two gone: the user gets, and pays for, the one that came (as for base64 results)."""
     async with RelayOpenAI(url_output=True) as fake, bot(tmp_path, openai_env(fake)) as rig:
         if which == "all":
             fake.files_status = 403
@@ -534,8 +535,15 @@ async def test_relay_url_expired_on_download_is_not_paid_again(tmp_path: Path, w
         job = await rig.submit("gpt-image-1", n=2)
         await rig.idle()
         row = await rig.row(job)
-        assert (row["status"], row["error_kind"], row["cost_usd"]) == ("failed", "expired", 0)
         assert len(fake.image_calls) == 1
+        if which == "second":
+            price = rig.price("gpt-image-1")
+            assert (row["status"], row["n_images"]) == ("succeeded", 1)
+            assert row["cost_usd"] == pytest.approx(price)
+            assert await rig.used() == (1, pytest.approx(price))
+            assert rig.adapter.delivered(job) == 1
+            return
+        assert (row["status"], row["error_kind"], row["cost_usd"]) == ("failed", "expired", 0)
         assert "not charged" in rig.final_text(job)
         assert await rig.used() == (0, 0)
         assert rig.adapter.delivered(job) == 0

@@ -372,10 +372,6 @@ BROKEN_SECOND_URL = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="one broken result URL fails the whole OpenAI call and the engine buys the batch again",
-)
 @pytest.mark.parametrize("case", BROKEN_SECOND_URL)
 async def test_relay_url_batch_with_one_broken_url_is_not_bought_again(
     server: Hostile, tmp_path: Path, case: str

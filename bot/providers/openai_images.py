@@ -36,6 +36,7 @@ import aiohttp
 from bot.errors import (
     AuthFailed,
     BadRequest,
+    Expired,
     Malformed,
     ModelUnavailable,
     ProviderError,
@@ -462,7 +463,7 @@ class OpenAIImagesProvider:
         if isinstance(usage, dict):
             self._record_usage(request.job_id, usage)
         images: list[GeneratedImage] = []
-        broken: Transient | None = None
+        broken: Transient | Expired | None = None
         for item in items:
             if not isinstance(item, dict):
                 raise Transient("the image API sent a malformed image item")
@@ -482,14 +483,17 @@ class OpenAIImagesProvider:
                 if hooks is not None:
                     hooks.generated()
                     hooks = None
-                images.append(
-                    await download(
-                        session,
-                        url,
-                        max_bytes=self.max_image_bytes,
-                        timeout_s=max(0.05, min(120.0, deadline - time.monotonic())),
+                try:  # (as above: one broken or expired URL keeps the images that came)
+                    images.append(
+                        await download(
+                            session,
+                            url,
+                            max_bytes=self.max_image_bytes,
+                            timeout_s=max(0.05, min(120.0, deadline - time.monotonic())),
+                        )
                     )
-                )
+                except (Transient, Expired) as exc:
+                    broken = exc
             else:
                 raise Transient("the image API sent an item with neither b64_json nor url")
         if broken is not None:
