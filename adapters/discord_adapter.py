@@ -36,6 +36,7 @@ from adapters.discord_parts import (
     RerollButton,
     TextsTranslator,
     escape_text,
+    fit_lines,
     human_bytes,
 )
 from bot.adapter import StatusUpdate
@@ -267,7 +268,7 @@ class DiscordAdapter:
 
     async def _edit_original(self, interaction: Inter, content: str) -> None:
         try:
-            await interaction.edit_original_response(content=content[:2000])
+            await interaction.edit_original_response(content=fit_lines(content))
         except discord.HTTPException as exc:
             log.warning("discord: answer to interaction %s not shown (%s)", interaction.id, exc)
 

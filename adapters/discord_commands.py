@@ -16,7 +16,7 @@ from bot.catalog import ModelSpec
 from bot.commands import parse_job_ref, shorten
 from bot.engine import Engine
 from bot.jobs import JobStatus, UserRef
-from bot.texts import t
+from bot.texts import money, pick_lang, t
 
 if TYPE_CHECKING:
     from adapters.discord_adapter import DiscordAdapter
@@ -87,7 +87,8 @@ def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: Disc
     @cancel.autocomplete("job")
     async def job_choices(interaction: Inter, current: str) -> list[app_commands.Choice[str]]:
         user = UserRef("discord", str(interaction.user.id))
-        return await active_jobs_matching(engine, user, current)
+        lang = pick_lang(interaction.locale.value)
+        return await active_jobs_matching(engine, user, current, lang)
 
     @tree.command(name="models", description=text("menu.models"))
     async def models(interaction: Inter) -> None:
@@ -124,7 +125,7 @@ def add_account_commands(
     @tree.command(name="history", description=text("discord.cmd.history"))
     async def history(interaction: Inter) -> None:
         async def answer(user: UserRef, lang: str) -> str:
-            return fit_lines(await chat.jobs_text(user, lang, limit=25))
+            return await chat.jobs_text(user, lang, limit=25)  # (fitted as every answer is)
 
         await adapter.ephemeral(interaction, answer)
 
@@ -225,15 +226,6 @@ def policy_args(**values: object) -> str:
     )
 
 
-def fit_lines(answer: str, limit: int = 2000) -> str:
-    """Whole lines of `answer` within Discord's message limit."""
-    if len(answer) <= limit:
-        return answer
-    cut = answer[: limit - 2]
-    head, newline, _ = cut.rpartition("\n")
-    return (head if newline else cut[:-1]) + "\n…"
-
-
 def configured_models(engine: Engine) -> list[ModelSpec]:
     """The catalog's models whose provider this bot has a key for."""
     return [spec for spec in engine.catalog if spec.provider in engine.providers]
@@ -245,7 +237,7 @@ def models_matching(engine: Engine, current: str) -> list[app_commands.Choice[st
     for spec in configured_models(engine):
         if needle and needle not in spec.name.lower():
             continue
-        label = f"{spec.name} · ${spec.price_for(spec.default_size):.3f}"
+        label = f"{spec.name} · {money(spec.price_for(spec.default_size))}"
         if spec.description:
             label += f" · {spec.description}"
         choices.append(app_commands.Choice(name=label[:100], value=spec.name))
@@ -266,7 +258,7 @@ def sizes_matching(engine: Engine, model: object, current: str) -> list[app_comm
 
 
 async def active_jobs_matching(
-    engine: Engine, user: UserRef, current: str
+    engine: Engine, user: UserRef, current: str, lang: str = "en"
 ) -> list[app_commands.Choice[str]]:
     """The user's queued and running jobs, from memory: an autocomplete cannot be deferred,
     and Discord drops an answer after 3 s."""
@@ -274,7 +266,8 @@ async def active_jobs_matching(
     choices = []
     for job in engine.active_jobs(user)[:MAX_CHOICES]:
         if needle in job.id:
-            label = f"{job.id} · {job.status.value} · {shorten(job.prompt, 60)}"
+            status = t(lang, f"jobstatus.{job.status.value}")
+            label = f"{job.id} · {status} · {shorten(job.prompt, 60)}"
             choices.append(app_commands.Choice(name=label[:100], value=job.id))
     return choices
 

@@ -76,6 +76,15 @@ def channel_gone(exc: discord.HTTPException) -> bool:
     return exc.code in (UNKNOWN_CHANNEL, THREAD_ARCHIVED, THREAD_LOCKED)
 
 
+def fit_lines(answer: str, limit: int = 2000) -> str:
+    """Whole lines of `answer` within Discord's message limit, "…" saying there is more."""
+    if len(answer) <= limit:
+        return answer
+    cut = answer[: limit - 2]
+    head, newline, _ = cut.rpartition("\n")
+    return (head if newline else cut[:-1]) + "\n…"
+
+
 def refused_for_now(exc: discord.HTTPException) -> bool:
     """A refusal that waiting may undo: a 429 that discord.py did not wait out itself (a
     Cloudflare one, without `Via`, or past its own tries), or Discord's 5xx."""

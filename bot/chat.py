@@ -164,7 +164,7 @@ class Chat:
                     lang,
                     "jobs.line",
                     job=job.id,
-                    status=job.status.value,
+                    status=t(lang, f"jobstatus.{job.status.value}"),
                     model=job.model,
                     prompt=self.echo(shorten(job.prompt, 40)),
                 )
@@ -180,7 +180,7 @@ class Chat:
                         lang,
                         "models.line",
                         name=spec.name,
-                        price=f"${spec.price_for(spec.default_size):.3f}",
+                        price=money(spec.price_for(spec.default_size)),
                         ratios=" ".join(spec.aspect_ratios),
                     )
                 )

@@ -77,9 +77,16 @@ def render_period(p: Period, lang: str) -> str:
     for model, images, usd in p.by_model[:8]:
         lines.append(t(lang, "stats.model", model=model, images=images, spend=money(usd)))
     if p.failures:
-        failures = ", ".join(f"{kind} {n}" for kind, n in p.failures)
+        failures = ", ".join(f"{_kind(lang, kind)} {n}" for kind, n in p.failures)
         lines.append(t(lang, "stats.failures", failures=failures))
     return "\n  ".join(lines)
+
+
+def _kind(lang: str, kind: str) -> str:
+    """A failure's kind in the admin's language (as stored, for one this release has no name for)."""
+    key = f"kind.{kind}"
+    label = t(lang, key)
+    return kind if label == key else label
 
 
 def usage_csv(rows: Sequence[UsageRow]) -> bytes:

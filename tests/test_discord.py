@@ -421,7 +421,7 @@ async def test_status_shows_the_queue_position_and_progress_in_place(
         ("usage", "zh-CN", "今天：0/不限 张图"),
         ("usage", "zh-TW", "今天"),
         ("jobs", "en-US", "You have no jobs yet"),
-        ("models", "en-US", "paid · $0.500"),
+        ("models", "en-US", "paid · $0.50"),
         ("settings", "en-GB", "Default model: demo · language: en"),
         ("settings", "zh-CN", "默认模型：demo"),
         ("cancel", "en-US", "You have no queued or running job"),

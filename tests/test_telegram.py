@@ -581,7 +581,7 @@ async def test_buttons_keep_working_after_a_restart(
         ("/start", "Hi!"),
         ("/usage", "Today: 0 of unlimited images"),
         ("/jobs", "You have no jobs yet"),
-        ("/models", "demo · $0.000"),
+        ("/models", "demo · $0.00"),
         ("/settings", "Default model: demo"),
         ("/cancel", "no queued or running job"),
         ("/frobnicate", "I don't know /frobnicate"),

@@ -78,7 +78,7 @@ def test_stats_lines_are_in_the_admins_language(lang: str) -> None:
         t(lang, "stats.period", label="L", jobs=3, images=2, spend="$0.50"),
         "  " + t(lang, "stats.latency", p50="1.0", p95="2.0"),
         "  " + t(lang, "stats.model", model="demo", images=2, spend="$0.50"),
-        "  " + t(lang, "stats.failures", failures="refused 1"),
+        "  " + t(lang, "stats.failures", failures=f"{t(lang, 'kind.refused')} 1"),
     ]
     if lang == "en":  # what the operator's scripts read today
         assert lines[0] == "L: 3 jobs · 2 images · $0.50"
