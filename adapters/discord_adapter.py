@@ -457,7 +457,7 @@ class DiscordAdapter:
             if not self._accepting:
                 raise UserError("error.shutting_down")
             target = self._target(interaction, acked)
-            ticket = await self.engine.reroll(_user(interaction), job_id, target)
+            ticket = await self.engine.reroll(_user(interaction), job_id, target, lang)
         except UserError as exc:
             await self._refuse(interaction, acked, _error(lang, exc))
             return

@@ -95,7 +95,7 @@ class ButtonPresses:
             thread_id=str(place.thread_id) if place.thread_id else None,
             reply_to=str(place.reply_to) if place.reply_to else None,
         )
-        ticket = await self.adapter.engine.reroll(user, job.id, target)
+        ticket = await self.adapter.engine.reroll(user, job.id, target, lang)
         await _answer(query, t(lang, "button.rerolled", job=ticket.job_id))
         text = queued_text(
             lang, ticket.job_id, ticket.position, ticket.model, ticket.n_images, ticket.reserved_usd

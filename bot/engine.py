@@ -320,8 +320,11 @@ class Engine(OperatorControls):
             log.error("cannot record a cancel: %s", exc)
             raise StorageUnavailable() from exc
 
-    async def reroll(self, user: UserRef, job_id: str, target: Target | None = None) -> Ticket:
-        """Submit the same prompt and options again (a new seed unless one was fixed)."""
+    async def reroll(
+        self, user: UserRef, job_id: str, target: Target | None = None, lang: str | None = None
+    ) -> Ticket:
+        """Submit the same prompt and options again (a new seed unless one was fixed), for
+        `user`, in their `lang` (who pressed 🔄 may not be who asked first)."""
         job = await self.store.get_job(job_id)
         if job is None:
             raise JobNotFound(job=job_id)
@@ -336,7 +339,7 @@ class Engine(OperatorControls):
             options=replace(job.options, n=job.requested or job.options.n),
             model=job.model,
             reference_images=refs,
-            lang=job.lang,
+            lang=lang or job.lang,
         )
         return await self.submit(request, parent_id=job.id)
 

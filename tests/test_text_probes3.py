@@ -296,10 +296,6 @@ async def test_stats_failures_for_a_chinese_admin_are_named_in_chinese(harness: 
 # ---- 🔄 pressed by someone else speaks the presser's language -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.reroll copies the first job's lang: a zh member's 🔄 job talks English",
-)
 async def test_a_reroll_pressed_by_a_chinese_member_is_captioned_in_chinese(
     rig: Rig, tg: FakeTelegram
 ) -> None:
@@ -318,10 +314,6 @@ async def test_a_reroll_pressed_by_a_chinese_member_is_captioned_in_chinese(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.reroll copies the first job's lang: a zh-CN member's 🔄 job talks English",
-)
 async def test_a_discord_reroll_pressed_by_a_chinese_member_talks_chinese(
     bot: dbase.Bot, fake: StrictDiscord
 ) -> None:
