@@ -30,6 +30,7 @@ from bot.errors import (
     InvalidRequest,
     JobEnded,
     JobNotFound,
+    Listed,
     NotAllowed,
     QueueFull,
     ShuttingDown,
@@ -159,7 +160,7 @@ class Engine(OperatorControls):
         policy = self.operator.policy(request.target)
         if not admin:
             if policy.models and spec.name not in policy.models:
-                allowed = ", ".join(policy.models)
+                allowed = Listed(", ".join(policy.models))
                 raise InvalidRequest("error.model_not_allowed", model=spec.name, allowed=allowed)
             if policy.max_images and options.n > policy.max_images:
                 raise InvalidRequest("error.policy_max_images", max=policy.max_images)

@@ -46,6 +46,13 @@ class UserError(DrawbridgeError):
         super().__init__(f"{self.key} {params}" if params else self.key)
 
 
+class Listed(str):
+    """An error's list of the bot's own choices (the ratios, sizes or models there are): shown
+    whole, not cut short as a value the user typed is (`render_error`)."""
+
+    __slots__ = ()
+
+
 class InvalidRequest(UserError):
     key = "error.invalid"
 

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from bot.commands import shorten
-from bot.errors import UserError
+from bot.errors import Listed, UserError
 
 LANGS = ("en", "zh")
 
@@ -487,6 +487,7 @@ def render_error(lang: str, exc: UserError, escape: Callable[[str], str] = plain
     """The error in the user's language; a value they typed is echoed cut short, on one line,
     and `escape`d for the platform's markup (the catalog's own words are left as written)."""
     params = {
-        k: escape(shorten(v, ECHO_MAX)) if isinstance(v, str) else v for k, v in exc.params.items()
+        k: escape(v if isinstance(v, Listed) else shorten(v, ECHO_MAX)) if isinstance(v, str) else v
+        for k, v in exc.params.items()
     }
     return t(lang, exc.key, **params)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from bot.catalog import Catalog, ModelSpec
 from bot.commands import clean_prompt
-from bot.errors import InvalidRequest
+from bot.errors import InvalidRequest, Listed
 from bot.images import BrokenImage, inspect_image, sniff_mime
 from bot.jobs import Options, Request
 
@@ -56,7 +56,7 @@ def validate_request(
         )
     ratio = o.aspect_ratio or spec.default_aspect_ratio
     if ratio not in spec.aspect_ratios:
-        allowed = ", ".join(spec.aspect_ratios)
+        allowed = Listed(", ".join(spec.aspect_ratios))
         raise InvalidRequest(
             "error.ratio_not_supported", value=ratio, model=spec.name, allowed=allowed
         )
@@ -64,7 +64,7 @@ def validate_request(
     if o.size is not None:
         size = next((s for s in spec.sizes if s.lower() == o.size.lower()), None)
         if size is None:
-            allowed = ", ".join(spec.sizes) or "-"
+            allowed = Listed(", ".join(spec.sizes) or "-")
             raise InvalidRequest(
                 "error.size_not_supported", value=o.size, model=spec.name, allowed=allowed
             )

@@ -337,10 +337,6 @@ async def test_a_discord_reroll_pressed_by_a_chinese_member_talks_chinese(
 # ---- a refusal names all that a model or a chat takes ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="render_error cuts the catalog's ratio list to 64 chars: 1:8 and 8:1 are never named",
-)
 @pytest.mark.parametrize("model", ["nano-banana-2", "gemini-3.1-flash-image"])
 async def test_a_ratio_refusal_names_every_ratio_the_model_takes(
     rig: Rig, tg: FakeTelegram, tmp_path: Path, model: str
@@ -356,10 +352,6 @@ async def test_a_ratio_refusal_names_every_ratio_the_model_takes(
     assert not missing, f"the answer hides {missing} that {model} does take: {answer!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="render_error cuts the policy's allowed models to 64 chars: the last ones go unnamed",
-)
 async def test_a_policy_refusal_names_every_model_the_chat_allows(
     rig: Rig, tg: FakeTelegram
 ) -> None:
