@@ -357,6 +357,10 @@ class DiscordAdapter:
             )
         return data
 
+    def place(self, interaction: Inter) -> Target:
+        """Where `interaction` came from (its chat or guild), for what holds there."""
+        return self._target(interaction, None)
+
     def _target(self, interaction: Inter, acked: int | None) -> Target:
         meta = InteractionMeta(
             application_id=str(interaction.application_id),

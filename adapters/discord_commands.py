@@ -61,7 +61,13 @@ def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: Disc
 
     @imagine.autocomplete("model")
     async def model_choices(interaction: Inter, current: str) -> list[app_commands.Choice[str]]:
-        return models_matching(engine, current)
+        user = UserRef("discord", str(interaction.user.id))
+        allowed = (
+            ()
+            if engine.is_admin(user)
+            else engine.operator.policy(adapter.place(interaction)).models
+        )
+        return models_matching(engine, current, allowed)
 
     @imagine.autocomplete("size")
     async def size_choices(interaction: Inter, current: str) -> list[app_commands.Choice[str]]:
@@ -93,7 +99,7 @@ def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: Disc
     @tree.command(name="models", description=text("menu.models"))
     async def models(interaction: Inter) -> None:
         async def answer(user: UserRef, lang: str) -> str:
-            return chat.models_text(lang)
+            return chat.models_text(lang, user, adapter.place(interaction))
 
         await adapter.ephemeral(interaction, answer)
 
@@ -231,11 +237,14 @@ def configured_models(engine: Engine) -> list[ModelSpec]:
     return [spec for spec in engine.catalog if spec.provider in engine.providers]
 
 
-def models_matching(engine: Engine, current: str) -> list[app_commands.Choice[str]]:
+def models_matching(
+    engine: Engine, current: str, allowed: tuple[str, ...] = ()
+) -> list[app_commands.Choice[str]]:
+    """The models to offer for `current`; `allowed`, the place's /policy models (if any)."""
     needle = current.strip().lower()
     choices = []
     for spec in configured_models(engine):
-        if needle and needle not in spec.name.lower():
+        if (needle and needle not in spec.name.lower()) or (allowed and spec.name not in allowed):
             continue
         label = f"{spec.name} · {money(spec.price_for(spec.default_size))}"
         if spec.description:

@@ -75,7 +75,7 @@ class Chat:
                     job = await self.engine.cancel(user, parse_job_ref(command.args))
                     return Reply(t(lang, "cancel.done", job=job.id))
                 case "models":
-                    return Reply(self.models_text(lang))
+                    return Reply(self.models_text(lang, user, target))
                 case "settings":
                     model = self.engine.default_model
                     return Reply(t(lang, "settings.summary", model=model, lang=lang))
@@ -171,10 +171,18 @@ class Chat:
             )
         return "\n".join(lines)
 
-    def models_text(self, lang: str) -> str:
+    def models_text(
+        self, lang: str, user: UserRef | None = None, target: Target | None = None
+    ) -> str:
+        """The models one can use here: served by a provider, and, in a chat whose /policy
+        names models, those (for anyone but an admin, who skips policies)."""
+        engine = self.engine
+        allowed: tuple[str, ...] = ()
+        if target is not None and not (user is not None and engine.is_admin(user)):
+            allowed = engine.operator.policy(target).models
         lines = [t(lang, "models.header")]
-        for spec in self.engine.catalog:
-            if self.engine.router.available(spec):
+        for spec in engine.catalog:
+            if engine.router.available(spec) and (not allowed or spec.name in allowed):
                 lines.append(
                     t(
                         lang,

@@ -382,10 +382,6 @@ async def test_models_shows_a_fraction_of_a_cent_as_the_queued_line_charges_it(
     assert "$0.0004" in line, f"/models prices cheap differently from its job: {line!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/models ignores the chat's /policy models=…: it lists models the chat refuses",
-)
 async def test_models_in_a_chat_whose_policy_allows_one_model_lists_that_model(
     rig: Rig, tg: FakeTelegram
 ) -> None:
