@@ -52,6 +52,7 @@ log = logging.getLogger("drawbridge.discord")
 
 DEFAULT_API_URL = "https://discord.com/api/v10"
 DEFAULT_GATEWAY_URL = "wss://gateway.discord.gg/"
+LOGIN_TIMEOUT = 10.0  # seconds for Discord's REST API to answer the login at start
 REFERENCE_TYPES = ("image/png", "image/jpeg", "image/webp")
 REFERENCE_FETCH_TIMEOUT = 30.0  # seconds for an attachment's bytes from Discord's CDN
 
@@ -126,14 +127,19 @@ class DiscordAdapter:
         self.client, self.tree = client, tree
         self.outbox.bind(client)
         try:
-            await client.login(self._token)
+            async with asyncio.timeout(LOGIN_TIMEOUT):  # (discord.py waits for ever)
+                await client.login(self._token)
         except BaseException as exc:
             await client.close()
             self._restore_endpoints()
             if isinstance(exc, discord.LoginFailure):
                 raise SettingsError("DISCORD_BOT_TOKEN: Discord rejected the token") from None
             if isinstance(exc, (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError)):
-                why = f"HTTP {exc.status}" if isinstance(exc, discord.HTTPException) else exc
+                why: object = exc
+                if isinstance(exc, discord.HTTPException):
+                    why = f"HTTP {exc.status}"
+                elif isinstance(exc, TimeoutError):
+                    why = f"no answer within {LOGIN_TIMEOUT:g} s"
                 raise SettingsError(
                     f"DISCORD_API_URL: Discord's API at {self.api_url} did not answer the login "
                     f"({why})"

@@ -207,7 +207,8 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
             services.extend(adapters)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            # SIGHUP too: a closed terminal or SSH session stops it as gracefully as SIGTERM.
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.add_signal_handler(sig, stop.set)
             async with serve(core, services):
                 with runtime.settled_gc():
