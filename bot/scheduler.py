@@ -35,6 +35,23 @@ class Scheduler(JobRunner):
         if unfinished and batch_running(self.store.data_dir):
             # A live `drawbridge generate` runs its own jobs: resumed here too, each ran twice.
             unfinished = [job for job in unfinished if job.target.platform != BATCH_PLATFORM]
+        # A job for a platform this start has no adapter for (its token unset now) could not
+        # be posted: generated, it would be paid for and kept. It waits in the database for a
+        # start that has its adapter (a dead batch's jobs are finished here, as before).
+        kept = [
+            job
+            for job in unfinished
+            if job.target.platform not in self.adapters and job.target.platform != BATCH_PLATFORM
+        ]
+        if kept:
+            platforms = ", ".join(sorted({job.target.platform for job in kept}))
+            log.warning(
+                "%d unfinished job(s) for %s kept for a start with that adapter",
+                len(kept),
+                platforms,
+            )
+            kept_ids = {job.id for job in kept}
+            unfinished = [job for job in unfinished if job.id not in kept_ids]
         for job in unfinished:
             # Held against the account its user belongs to now, as `day_totals` counts it (a
             # /link since it was queued moved it there).

@@ -365,7 +365,7 @@ def test_console_answers_every_chat_command_briefly_and_saves_the_images(tmp_pat
     for expected in (
         "Today: ",
         "Your recent jobs:",
-        "demo · $0.000",
+        "demo · $0.00",
         "Default model: demo",
         "Hi! I turn your words into images",
         "I don't know /bogus. See /help.",

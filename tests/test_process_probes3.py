@@ -870,12 +870,6 @@ async def test_a_linked_user_killed_mid_flight_on_both_platforms_gets_each_resul
     ], jobs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Scheduler.start resumes every unfinished job whatever its platform "
-    "(bot/scheduler.py:34-56): with no Discord adapter its jobs are generated and charged, "
-    "then only 'kept' undelivered (job_runner.py:293)",
-)
 async def test_a_restart_without_discord_does_not_pay_for_discord_jobs_it_cannot_deliver(
     tmp_path: Path,
 ) -> None:
