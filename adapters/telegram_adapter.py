@@ -269,6 +269,11 @@ class TelegramAdapter:
         await self.board.close()
         await self.app.shutdown()
 
+    @property
+    def taking_updates(self) -> bool:
+        """Whether an update fed now is handled (not once the intake has stopped)."""
+        return self.app.running
+
     async def process_webhook_update(self, payload: object) -> bool:
         """Feed one update from a webhook request (the route has checked the secret); False,
         and nothing fed, for a body that is not an update."""

@@ -240,6 +240,10 @@ def telegram_webhook(adapter: TelegramAdapter) -> Callable[[web.Request], Awaita
     async def handle(request: web.Request) -> web.Response:
         if not adapter.webhook_secret_ok(request.headers.get("X-Telegram-Bot-Api-Secret-Token")):
             return web.Response(status=403)
+        if not adapter.taking_updates:
+            # Stopping: an update taken now would never be handled, and Telegram does not send
+            # a 200'd update again. A 503 leaves it with Telegram for the next start.
+            return web.Response(status=503)
         try:
             payload = await request.json()
         except (ValueError, RecursionError):  # (nested past the parser's depth)

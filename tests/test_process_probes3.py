@@ -639,11 +639,6 @@ def test_webhook_mode_and_discord_together_serve_and_drain_cleanly(
     assert sorted(record.jobs) == [("discord", "running", 0.0), ("telegram", "running", 0.0)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after SIGTERM the webhook route still answers 200 and queues the update into the "
-    "stopped PTB app (bot/cli.py:246 → telegram_adapter.py:290), which never handles it",
-)
 def test_a_webhook_update_during_the_drain_is_answered_or_left_for_telegram_to_resend(
     webhook_drain: WebhookDrain,
 ) -> None:
