@@ -69,6 +69,7 @@ def job_message_id(job: Job) -> int | None:
 
 REPLAY_CHECKS = 100  # getUpdates' limit: the most updates one poll takes
 POLL_WARN_EVERY = 60.0  # seconds between warnings of the same kind of failed poll
+POLL_UNWELL_AFTER = 5.0  # seconds of failing polls before /healthz says so
 UPDATER_STOP_TIMEOUT = 2.0  # seconds PTB's updater may take to stop (its last poll)
 WEBHOOK_SEEN = 10_000  # webhook update ids remembered, so that one Telegram sends again is dropped
 
@@ -133,6 +134,7 @@ class TelegramAdapter:
         budget = rate_limiter if isinstance(rate_limiter, SendBudget) else None
         self.paid_lane = budget.paid if budget is not None else None
         self.intake = IntakeGate(wait=intake_wait)
+        self.polls = GatedPollRequest(self.intake)
         self.albums = Albums(self._handle)
         builder = (
             ApplicationBuilder()
@@ -140,7 +142,7 @@ class TelegramAdapter:
             .base_url(f"{api_url}/bot")
             .base_file_url(f"{api_url}/file/bot")
             .request(AiohttpRequest())
-            .get_updates_request(GatedPollRequest(self.intake))
+            .get_updates_request(self.polls)
             .update_queue(self.intake.queue)
             .rate_limiter(rate_limiter)
             .concurrent_updates(self.intake)
@@ -246,10 +248,16 @@ class TelegramAdapter:
             log.warning("telegram: %s; polling again", text)
 
     def healthy(self) -> bool:
-        """For /healthz: taking updates (polling, or the webhook route is live)."""
+        """For /healthz: taking updates (the webhook route is live, or polling, and the polls
+        not failing for POLL_UNWELL_AFTER: PTB's updater runs on through any outage)."""
         if not self.app.running:
             return False
-        return bool(self.webhook_url) or bool(self.app.updater and self.app.updater.running)
+        if self.webhook_url:
+            return True
+        if not (self.app.updater and self.app.updater.running):
+            return False
+        since = self.polls.failing_since
+        return since is None or time.monotonic() - since < POLL_UNWELL_AFTER
 
     async def stop_intake(self) -> None:
         if self.app.updater is not None and self.app.updater.running:

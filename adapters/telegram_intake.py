@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -98,11 +99,14 @@ class IntakeGate(SimpleUpdateProcessor):
 class GatedPollRequest(HTTPXRequest):
     """PTB's own request for `getUpdates` (one long poll at a time), behind an `IntakeGate`."""
 
-    __slots__ = ("gate",)
+    __slots__ = ("failing_since", "gate")
 
     def __init__(self, gate: IntakeGate) -> None:
         super().__init__(connection_pool_size=1)  # what ApplicationBuilder gives getUpdates
         self.gate = gate
+        # Since when every poll has failed (no answer, or not a 200), for /healthz; None while
+        # the Bot API answers.
+        self.failing_since: float | None = None
 
     async def do_request(
         self,
@@ -115,12 +119,20 @@ class GatedPollRequest(HTTPXRequest):
         pool_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
     ) -> tuple[int, bytes]:
         await self.gate.opened()
-        return await super().do_request(
-            url,
-            method,
-            request_data,
-            read_timeout=read_timeout,
-            write_timeout=write_timeout,
-            connect_timeout=connect_timeout,
-            pool_timeout=pool_timeout,
-        )
+        status = 0
+        try:
+            status, body = await super().do_request(
+                url,
+                method,
+                request_data,
+                read_timeout=read_timeout,
+                write_timeout=write_timeout,
+                connect_timeout=connect_timeout,
+                pool_timeout=pool_timeout,
+            )
+            return status, body
+        finally:
+            if status == 200:
+                self.failing_since = None
+            elif self.failing_since is None:
+                self.failing_since = time.monotonic()

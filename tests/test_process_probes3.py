@@ -526,11 +526,6 @@ def test_a_bot_api_outage_keeps_discord_serving_and_telegram_catches_up(
     assert record.exit_code == 0, record.log[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TelegramAdapter.healthy (adapters/telegram_adapter.py:248) only checks that PTB's "
-    "updater runs, not that a poll has succeeded: /healthz says Telegram is well while it is cut",
-)
 def test_healthz_says_telegram_is_down_while_every_poll_fails(
     bot_api_outage: BotApiOutage,
 ) -> None:
