@@ -52,6 +52,7 @@ log = logging.getLogger("drawbridge.discord")
 
 DEFAULT_API_URL = "https://discord.com/api/v10"
 DEFAULT_GATEWAY_URL = "wss://gateway.discord.gg/"
+GATEWAY_RETRY_MAX = 60.0  # seconds between tries at a gateway that is not reachable
 LOGIN_TIMEOUT = 10.0  # seconds for Discord's REST API to answer the login at start
 REFERENCE_TYPES = ("image/png", "image/jpeg", "image/webp")
 REFERENCE_FETCH_TIMEOUT = 30.0  # seconds for an attachment's bytes from Discord's CDN
@@ -200,7 +201,19 @@ class DiscordAdapter:
         self._saved = None
 
     async def _connect(self, client: DrawbridgeClient) -> None:
-        """The gateway, reconnecting as discord.py does; what it gives up on stops the bot."""
+        """The gateway, reconnecting as discord.py does; a refusal for good (the token, the
+        intents, a close code it will not retry) stops the bot. What else ends its loop (a
+        first connect that fails ends it with an AttributeError of its own) is tried again
+        here, the waits doubling up to GATEWAY_RETRY_MAX: the gateway away at start must not
+        stop Telegram too, and /healthz says Discord is unwell meanwhile."""
+        delay = 1.0
+        while not await self._connect_once(client):
+            log.warning("discord: the gateway is not reachable; trying again in %.0f s", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, GATEWAY_RETRY_MAX)
+
+    async def _connect_once(self, client: DrawbridgeClient) -> bool:
+        """One run of discord.py's connect loop; False if it should be run again."""
         try:
             await client.connect(reconnect=True)
         except discord.PrivilegedIntentsRequired:
@@ -214,8 +227,9 @@ class DiscordAdapter:
                 self._fail(f"the Discord gateway closed the connection for good ({exc.code})")
         except Exception as exc:
             if not client.is_closed():
-                log.exception("discord: the gateway connection ended")
-                self._fail(f"the Discord gateway connection ended ({type(exc).__name__})")
+                log.info("discord: the gateway connection ended (%s: %s)", type(exc).__name__, exc)
+                return False
+        return True
 
     def _fail(self, why: str) -> None:
         log.error("discord: %s", why)

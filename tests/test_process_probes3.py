@@ -168,11 +168,6 @@ class HangingDiscord(FakeDiscord):
 # ---- one platform in trouble at start-up -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a first gateway connect that fails hits discord.py's `self.ws.sequence` on None; "
-    "DiscordAdapter._connect takes the AttributeError as fatal and stops the whole bot",
-)
 async def test_a_gateway_unreachable_at_start_neither_kills_telegram_nor_says_attributeerror(
     tmp_path: Path,
 ) -> None:
