@@ -113,6 +113,16 @@ class JobRunner(EngineBase):
         last: ProviderError | None = None
         for i, route in enumerate(routes):
             if route.provider.name != job.provider:
+                size = job.options.size
+                if size is not None and size not in route.spec.sizes:
+                    # It would make another size than the one asked (and held) for.
+                    log.warning(
+                        "job=%s not failing over to %s: it does not make size %s",
+                        job.id,
+                        route.provider.name,
+                        size,
+                    )
+                    continue
                 reserved = self._reserve_route(job, route.spec)
                 if reserved is None:
                     log.warning(

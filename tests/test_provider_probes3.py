@@ -330,10 +330,6 @@ async def test_a_provider_that_hangs_opens_its_breaker_and_later_jobs_fail_over(
 # == What a failover carries to the next provider ==============================================
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="failover drops the size the backup's catalog entry lacks: GrsAI is asked for 1024x1024",
-)
 async def test_a_4k_job_failed_over_to_grsai_still_asks_for_4k(tmp_path: Path) -> None:
     # PROVIDER_FALLBACKS' default sends gpt-image-2 to GrsAI when OpenAI is down. The job asked
     # (and holds the price of) a 4K image; the backup's catalog entry lists no sizes, so the
