@@ -483,11 +483,24 @@ def plain(text: str) -> str:
     return text
 
 
+# Direction controls (embeddings, overrides, isolates, marks): one typed into a value the bot
+# repeats would reverse the bot's own words after it (`--model \u202e…`).
+_BIDI = str.maketrans(
+    "", "", "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def _unbidi(text: str) -> str:
+    return text.translate(_BIDI)
+
+
 def render_error(lang: str, exc: UserError, escape: Callable[[str], str] = plain) -> str:
     """The error in the user's language; a value they typed is echoed cut short, on one line,
     and `escape`d for the platform's markup (the catalog's own words are left as written)."""
     params = {
-        k: escape(v if isinstance(v, Listed) else shorten(v, ECHO_MAX)) if isinstance(v, str) else v
+        k: escape(v if isinstance(v, Listed) else _unbidi(shorten(v, ECHO_MAX)))
+        if isinstance(v, str)
+        else v
         for k, v in exc.params.items()
     }
     return t(lang, exc.key, **params)
