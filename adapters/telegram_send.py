@@ -37,6 +37,7 @@ from telegram.ext import ExtBot
 from telegram.warnings import PTBUserWarning
 
 from adapters.telegram_budget import Priority, SendBudget, Ticket, call_context
+from bot.commands import whole_chars
 from bot.jobs import Target
 
 log = logging.getLogger("drawbridge.telegram")
@@ -64,12 +65,13 @@ def utf16_len(text: str) -> int:
 
 
 def utf16_prefix(text: str, units: int) -> str:
-    """The longest start of `text` that is at most `units` UTF-16 code units long."""
+    """The longest start of `text` that is at most `units` UTF-16 code units long, ending on a
+    whole character (`whole_chars`)."""
     used = 0
     for i, char in enumerate(text):
         used += 2 if ord(char) > 0xFFFF else 1
         if used > units:
-            return text[:i]
+            return text[: whole_chars(text, i)]
     return text
 
 

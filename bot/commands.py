@@ -165,10 +165,43 @@ def clean_prompt(text: str) -> str:
     return ""
 
 
+_ZWJ = "\u200d"
+_RI = range(0x1F1E6, 0x1F200)  # regional indicators: two make a flag
+
+
+def _extends(char: str) -> bool:
+    """Whether `char` belongs to the character before it (as a reader sees characters)."""
+    code = ord(char)
+    return (
+        unicodedata.category(char) in ("Mn", "Me", "Mc")  # combining marks
+        or char == _ZWJ
+        or 0xFE00 <= code <= 0xFE0F  # variation selectors (emoji or text style)
+        or 0x1F3FB <= code <= 0x1F3FF  # skin tones
+        or 0xE0020 <= code <= 0xE007F  # tag characters (subdivision flags)
+    )
+
+
+def whole_chars(text: str, end: int) -> int:
+    """`end`, moved back until `text[:end]` ends on a whole character as people see one: not
+    inside an emoji's joined sequence, before its skin tone or style, between a letter and its
+    accent, or between the two halves of a flag."""
+    while 0 < end < len(text) and (_extends(text[end]) or text[end - 1] == _ZWJ):
+        end -= 1
+    if 0 < end < len(text) and ord(text[end]) in _RI and ord(text[end - 1]) in _RI:
+        run = end  # a flag's second half is cut off when an odd count of indicators precede
+        while run > 0 and ord(text[run - 1]) in _RI:
+            run -= 1
+        if (end - run) % 2:
+            end -= 1
+    return end
+
+
 def shorten(text: str, limit: int) -> str:
-    """Cut `text` to `limit` characters with an ellipsis, on one line."""
+    """Cut `text` to `limit` characters with an ellipsis, on one line, on a whole character."""
     flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: max(0, limit - 1)].rstrip() + "…"
+    if len(flat) <= limit:
+        return flat
+    return flat[: whole_chars(flat, max(0, limit - 1))].rstrip() + "…"
 
 
 def escape_html(text: str) -> str:

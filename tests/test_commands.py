@@ -159,3 +159,25 @@ def test_validation_never_crashes_and_never_passes_what_a_model_refuses(
         assert 1 <= options.n <= spec.max_images
         assert options.size is None or options.size in spec.sizes
         assert options.seed is None or 0 <= options.seed < 2**32
+
+
+@pytest.mark.parametrize(
+    ("text", "end", "expected"),
+    [
+        ("ab👨\u200d👩\u200d👧", 5, 2),  # inside a family (after a joiner): the whole family goes
+        ("ab👨\u200d👩", 3, 2),  # just before a joiner: its first person goes with it
+        ("ab👍🏽c", 3, 2),  # before a skin tone
+        ("abe\u0301x", 3, 2),  # between a letter and its accent
+        ("ab❤\ufe0fc", 3, 2),  # before an emoji-style selector
+        ("a🇫🇷🇩🇪", 2, 1),  # between a flag's two halves
+        ("a🇫🇷🇩🇪", 3, 3),  # between two flags: a whole one kept
+        ("a🇫🇷🇩🇪", 4, 3),
+        ("plain text", 5, 5),
+        ("ab", 0, 0),
+        ("ab", 2, 2),
+    ],
+)
+def test_a_cut_ends_on_a_whole_character(text: str, end: int, expected: int) -> None:
+    from bot.commands import whole_chars
+
+    assert whole_chars(text, end) == expected

@@ -427,10 +427,6 @@ async def test_a_caption_of_exactly_1024_units_is_whole_and_one_more_is_cut_with
             assert shown.endswith("…") and prompt.startswith(shown[:-1]), shown[-20:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="caption_for cuts with utf16_prefix, by code point: the last emoji is split mid-ZWJ",
-)
 async def test_a_telegram_caption_cut_to_1024_units_ends_on_a_whole_emoji(
     rig: Rig, tg: FakeTelegram
 ) -> None:
@@ -448,10 +444,6 @@ async def test_a_telegram_caption_cut_to_1024_units_ends_on_a_whole_emoji(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="escaped_prompt cuts with shorten(), by code point: the last emoji is split mid-ZWJ",
-)
 async def test_a_discord_caption_cut_to_fit_ends_on_a_whole_emoji(
     bot: dbase.Bot, fake: StrictDiscord
 ) -> None:
