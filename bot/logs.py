@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,6 +35,30 @@ class RedactSecrets(logging.Filter):
         if record.exc_text:
             record.exc_text = self.scrub(record.exc_text)
             record.exc_info = None  # the scrubbed text is what gets printed
+        return True
+
+
+class QuietReconnects(logging.Filter):
+    """discord.py logs each try to reconnect its gateway as an ERROR with a full traceback (a
+    minute's outage, a screenful): one plain warning a minute instead, naming the error."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Attempting a reconnect"):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return False
+        self._last = now
+        exc = record.exc_info[1] if record.exc_info else None
+        record.msg = "discord: the gateway connection was lost (%s); reconnecting"
+        record.args = (type(exc).__name__ if exc is not None else "no reason given",)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
@@ -78,3 +104,7 @@ def setup_logging(
     # Libraries' chatter (every HTTP request) would drown the job lines.
     for noisy in ("httpx", "aiosqlite", "discord.gateway", "discord.http", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    client = logging.getLogger("discord.client")
+    for old_filter in [f for f in client.filters if isinstance(f, QuietReconnects)]:
+        client.removeFilter(old_filter)
+    client.addFilter(QuietReconnects())

@@ -428,11 +428,6 @@ def test_a_gateway_outage_keeps_telegram_serving_and_healthz_names_discord(
     assert record.exit_code == 0, record.log[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="discord.py logs each reconnect try as ERROR with a full traceback (discord.client "
-    "is not quieted in bot/logs.py, nor its tries summed up as Telegram's polls are)",
-)
 def test_a_gateway_outage_is_told_in_plain_lines_not_a_traceback_per_retry(
     gateway_outage: GatewayOutage,
 ) -> None:
