@@ -72,6 +72,10 @@ class JobRunner(EngineBase):
                 return  # cancel() records the outcome
             raise  # shutdown: the row stays queued/running and resumes on the next start
         except TimeoutError:
+            # The stage ran out on the provider it was with (its call cut off by a cancel,
+            # which the breaker does not count): a hang is that provider's failure, so that
+            # hung calls open its breaker and later jobs fail over.
+            self.router.timed_out(self._jobs.get(job.id, job).provider)
             await self._finish(job, JobStatus.FAILED, ErrorKind.TIMEOUT, "generation timed out")
             return
         except ProviderError as exc:

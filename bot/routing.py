@@ -227,6 +227,15 @@ class Router:
         async with self._admitted(name, hooks) as admitted:
             return await self._call(breaker, route, request, admitted)
 
+    def timed_out(self, name: str | None) -> None:
+        """A job's time ran out while provider `name` had it: counted as its failure."""
+        if not name or (breaker := self.breakers.get(name)) is None:
+            return
+        exc = TimeoutError(f"provider {name}: a job's generation timed out")
+        breaker.failure(exc)
+        if self.on_error is not None:
+            self.on_error(name, exc)
+
     async def _call(
         self, breaker: Breaker, route: Route, request: GenerationRequest, hooks: JobHooks
     ) -> list[GeneratedImage]:

@@ -289,10 +289,6 @@ async def test_a_job_started_while_the_breaker_probes_waits_for_the_probe(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a hang cut off by the stage timeout is a CancelledError the breaker never counts",
-)
 async def test_a_provider_that_hangs_opens_its_breaker_and_later_jobs_fail_over(
     tmp_path: Path,
 ) -> None:
