@@ -204,7 +204,7 @@ class JobRunner(EngineBase):
         malformed = 0
         try:
             await self._retake_slot(job.id, provider)  # it holds one, unless a try gave it up
-            return await self.router.call(route, request(), hooks)
+            return await self.router.call(route, request(), hooks, await_probe=last_route)
         except ProviderError as exc:
             malformed = int(isinstance(exc, Malformed))
             if not exc.retryable or self.config.retry_attempts <= 1:
@@ -226,7 +226,9 @@ class JobRunner(EngineBase):
                 with attempt:
                     await self._retake_slot(job.id, provider)
                     try:
-                        return await self.router.call(route, request(), hooks)
+                        return await self.router.call(
+                            route, request(), hooks, await_probe=last_route
+                        )
                     except CircuitOpen as exc:
                         if last_route:
                             raise  # retried: waits for the breaker's probe

@@ -80,6 +80,7 @@ class Breaker:
         self.opened_at = 0.0
         self._state = BreakerState.CLOSED
         self._probing = False
+        self._probed: asyncio.Event | None = None  # set when the probe in flight ends
 
     def reopens_in(self) -> float:
         """Seconds until an open breaker lets a probe through (0 when it would now)."""
@@ -100,18 +101,31 @@ class Breaker:
             return True
         if state is BreakerState.HALF_OPEN and not self._probing:
             self._probing = True
+            self._probed = asyncio.Event()
             return True
         return False
 
-    def success(self) -> None:
+    async def probe_ended(self) -> None:
+        """Until the probe in flight (if any) has its answer."""
+        if self._probing and self._probed is not None:
+            await self._probed.wait()
+
+    def end_probe(self) -> None:
         self._probing = False
+        if self._probed is not None:
+            self._probed.set()
+            self._probed = None
+
+    def success(self) -> None:
+        self.end_probe()
         self.failures = 0
         if self._state is not BreakerState.CLOSED:
             self._set(BreakerState.CLOSED)
 
     def failure(self, exc: BaseException) -> None:
         kind = exc.kind if isinstance(exc, ProviderError) else ErrorKind.TIMEOUT
-        probing, self._probing = self._probing, False
+        probing = self._probing
+        self.end_probe()
         if kind not in _UNWELL:
             return
         self.failures += 1
@@ -217,11 +231,23 @@ class Router:
             capped.release()
 
     async def call(
-        self, route: Route, request: GenerationRequest, hooks: JobHooks
+        self,
+        route: Route,
+        request: GenerationRequest,
+        hooks: JobHooks,
+        *,
+        await_probe: bool = False,
     ) -> list[GeneratedImage]:
-        """One attempt on `route`, through its provider's cap, rate limit and breaker."""
+        """One attempt on `route`, through its provider's cap, rate limit and breaker.
+
+        `await_probe` (a job with no other route): while the half-open breaker's one probe is
+        in flight, wait for its answer rather than be refused at once (each refusal spent a
+        retry, and every job but the probe failed while the provider answered fine).
+        """
         name = route.provider.name
         breaker = self.breakers.get(name) or self.breakers.setdefault(name, Breaker(name))
+        if await_probe:
+            await breaker.probe_ended()
         if name not in self._slots and name not in self._limiters:
             return await self._call(breaker, route, request, hooks)
         async with self._admitted(name, hooks) as admitted:
@@ -248,7 +274,7 @@ class Router:
         try:
             images = await route.provider.generate(request, hooks)
         except asyncio.CancelledError:
-            breaker._probing = False
+            breaker.end_probe()
             raise
         except (ProviderError, TimeoutError) as exc:
             breaker.failure(exc)

@@ -256,10 +256,6 @@ async def test_the_breaker_sends_jobs_to_the_fallback_until_a_probe_closes_it(
     assert draws() == 4 and len(gemini.calls()) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="during a half-open probe other jobs get CircuitOpen(0.05 s), spend their retries, fail",
-)
 async def test_a_job_started_while_the_breaker_probes_waits_for_the_probe(
     tmp_path: Path,
 ) -> None:
