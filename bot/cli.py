@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
     from aiohttp import web
 
+    from adapters.console_adapter import ConsoleAdapter
     from adapters.telegram_adapter import TelegramAdapter
     from bot.app import Core, Service
     from bot.http import HttpServer
@@ -178,7 +180,7 @@ def _run_command(settings: Settings, console: bool) -> int:
 
 async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
     from adapters.console_adapter import ConsoleAdapter
-    from bot.app import CanFail, open_core, serve
+    from bot.app import open_core, serve
     from bot.locks import exclusive
     from bot.texts import pick_lang
 
@@ -210,27 +212,56 @@ async def _run(settings: Settings, console: bool, platforms: list[str]) -> int:
             # SIGHUP too: a closed terminal or SSH session stops it as gracefully as SIGTERM.
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.add_signal_handler(sig, stop.set)
-            async with serve(core, services):
-                with runtime.settled_gc():
-                    log.info(
-                        "drawbridge running: model %s, data %s",
-                        core.engine.default_model,
-                        settings.data_dir,
-                    )
-                    waits = [asyncio.create_task(stop.wait())]
-                    if console_adapter is not None:
-                        waits.append(asyncio.create_task(console_adapter.finished.wait()))
-                    # A platform that will not have the bot any more (`failed`, `failure`)
-                    # stops it, with the reason, rather than leave it serving nobody there.
-                    failing = [a for a in adapters if isinstance(a, CanFail)]
-                    waits += [asyncio.create_task(a.failed.wait()) for a in failing]
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    for w in waits:
-                        w.cancel()
-                    failed = [a.failure for a in failing if a.failed.is_set()]
-                    if failed and not stop.is_set():
-                        raise SettingsError(failed[0])
+            started = asyncio.Event()
+
+            async def serving() -> None:
+                async with serve(core, services):
+                    started.set()
+                    await _until_stopped(core, settings, stop, console_adapter, adapters)
+
+            task = asyncio.create_task(serving(), name="serve")
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if stop.is_set() and not started.is_set():
+                # A signal while a platform still hangs at start-up (a login, a getMe that
+                # never answers): stop now, as asked, not when it gives up (or never).
+                log.info("stopping during start-up, as asked")
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return 0
+            await task
     return 0
+
+
+async def _until_stopped(
+    core: Core,
+    settings: Settings,
+    stop: asyncio.Event,
+    console_adapter: ConsoleAdapter | None,
+    adapters: list[Service],
+) -> None:
+    """Serve until a signal, the console's /quit, or a platform that will not have the bot."""
+    from bot.app import CanFail
+
+    with runtime.settled_gc():
+        log.info(
+            "drawbridge running: model %s, data %s", core.engine.default_model, settings.data_dir
+        )
+        waits = [asyncio.create_task(stop.wait())]
+        if console_adapter is not None:
+            waits.append(asyncio.create_task(console_adapter.finished.wait()))
+        # A platform that will not have the bot any more (`failed`, `failure`) stops it, with
+        # the reason, rather than leave it serving nobody there.
+        failing = [a for a in adapters if isinstance(a, CanFail)]
+        waits += [asyncio.create_task(a.failed.wait()) for a in failing]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        failed = [a.failure for a in failing if a.failed.is_set()]
+        if failed and not stop.is_set():
+            raise SettingsError(failed[0])
 
 
 def telegram_webhook(adapter: TelegramAdapter) -> Callable[[web.Request], Awaitable[web.Response]]:

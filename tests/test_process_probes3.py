@@ -343,11 +343,6 @@ def test_a_discord_api_that_never_answers_the_login_ends_start_up_with_one_line(
     assert code != 0 and len(lines) == 1 and "DISCORD_API_URL" in lines[0], (code, lines)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the SIGINT/SIGTERM handlers only set `stop` (bot/cli.py:209-211), which is awaited "
-    "once every service has opened and started: a signal during start-up is not acted on",
-)
 @pytest.mark.parametrize("case", ["discord-login-hangs", "telegram-getme-hangs"])
 def test_sigterm_while_start_up_hangs_stops_the_bot_at_once(
     hung_starts: HungStarts, case: str
