@@ -563,13 +563,15 @@ async def test_a_boosted_guilds_upload_limit_carries_an_11_mb_png_as_it_is(
         await close_bot(b)
 
 
+@pytest.mark.parametrize("channel_limit", [50 * MiB, 10 * MiB], ids=["boosted", "refused"])
 async def test_a_boosted_guilds_late_result_in_the_channel_is_not_shrunk(
-    harness: Harness, fake: ProbeDiscord
+    harness: Harness, fake: ProbeDiscord, channel_limit: int
 ) -> None:
     """The same guild, the job ending after its token's 15 minutes: the result goes to the
     channel, where the guild's boost lets the bot post 50 MiB too. The 11 MB PNG the user paid
-    for should arrive as it is, not scaled down with "(Shrunk to fit … 10 MB …)"."""
-    fake.channel_file_limit = 50 * MiB  # what the guild's boost lets the bot upload
+    for should arrive as it is, not scaled down with "(Shrunk to fit … 10 MB …)". A channel
+    that takes only 10 MiB after all (413 40005) gets it again, shrunk, not lost as too large."""
+    fake.channel_file_limit = channel_limit  # what the guild's boost lets the bot upload
     harness.provider = BigProvider()
     gate = harness.provider.gates["boosted late"] = asyncio.Event()
     now = [time.time()]
@@ -582,34 +584,15 @@ async def test_a_boosted_guilds_late_result_in_the_channel_is_not_shrunk(
         gate.set()
         (post,) = await fake.wait_for(lambda: fake.channel_results(), within=30)
         (part,) = post.files
+        if channel_limit == 10 * MiB:
+            assert len(part.data) <= 10 * MiB < len(big_png())
+            assert "Shrunk" in post.payload["content"]
+            return
         assert (len(part.data), part.filename[-4:]) == (len(big_png()), ".png"), (
             len(part.data),
             part.filename,
             post.payload["content"][-60:],
         )
-    finally:
-        await close_bot(b)
-
-
-async def test_a_channel_that_refuses_the_guilds_limit_gets_the_result_within_the_default(
-    harness: Harness, fake: ProbeDiscord
-) -> None:
-    """The interaction said 50 MiB but the channel takes 10 (413 40005): the result is not
-    lost as "too large" but sent again, shrunk to the default limit."""
-    harness.provider = BigProvider()
-    gate = harness.provider.gates["boosted late"] = asyncio.Event()
-    now = [time.time()]
-    b = await start_bot(harness, fake, clock=lambda: now[0])
-    try:
-        inter = await fake.slash("imagine", {"prompt": "boosted late"}, limit=50 * MiB)
-        await fake.wait_for(lambda: "Generating" in content(fake, inter))
-        now[0] += 16 * 60
-        fake.expire(inter.token)
-        gate.set()
-        (post,) = await fake.wait_for(lambda: fake.channel_results(), within=30)
-        (part,) = post.files
-        assert len(part.data) <= 10 * MiB < len(big_png())
-        assert "Shrunk" in post.payload["content"]
     finally:
         await close_bot(b)
 
