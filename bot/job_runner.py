@@ -118,8 +118,14 @@ class JobRunner(EngineBase):
         for i, route in enumerate(routes):
             if route.provider.name != job.provider:
                 size = job.options.size
-                if size is not None and size not in route.spec.sizes:
-                    # It would make another size than the one asked (and held) for.
+                # A backup that lists sizes but not this one would make another size than the
+                # one asked (and held) for; one that lists none makes its own default, which
+                # stands for the model's default only.
+                if (
+                    size is not None
+                    and size not in route.spec.sizes
+                    and (route.spec.sizes or size != spec.default_size)
+                ):
                     log.warning(
                         "job=%s not failing over to %s: it does not make size %s",
                         job.id,

@@ -556,6 +556,7 @@ async def test_metrics_agree_with_the_table_for_jobs_that_reached_a_provider(wor
     assert series(m, "drawbridge_provider_errors_total") == {
         key(provider="grsai", kind="transient"): 2,  # the failover's two tries
         key(provider="grsai", kind="bad_request"): 1,
+        key(provider="grsai", kind="timeout"): 1,  # the hung "slow tide": its provider's failure
         key(provider="gemini", kind="refused"): 1,
     }
     delivered = Counter(r["platform"] for r in rows if r["delivered_at"] is not None)
