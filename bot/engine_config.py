@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.catalog import ModelSpec
-from bot.jobs import Job, JobStatus, Options, Request, Target
+from bot.jobs import Job, JobStatus, Options, Request, Target, chat_scope
 from bot.quota import Limits
 
 UPDATE_STATUS = "UPDATE jobs SET status = ? WHERE id = ?"
@@ -46,7 +46,7 @@ class EngineConfig:
         was before (a group before it became a supergroup), count as the chat."""
         if not self.allowed_ids or user in self.allowed_ids or user in self.admin_ids:
             return True
-        chat = f"{target.platform}-chat:{target.chat_id}"
+        chat = chat_scope(target.platform, target.chat_id)
         guild = f"{target.platform}-guild:{target.guild_id}" if target.guild_id else None
         return any(
             scope in self.allowed_ids for scope in (chat, *moved_from, guild) if scope is not None

@@ -43,6 +43,11 @@ class UserRef:
         return cls(platform, user_id)
 
 
+def chat_scope(platform: str, chat_id: str) -> str:
+    """A chat as ALLOWED_IDS, policies and chat moves name it: `telegram-chat:-100…`."""
+    return f"{platform}-chat:{chat_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where answers for a job go: chat, thread or topic, and what to reply to.

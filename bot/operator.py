@@ -17,7 +17,7 @@ from typing import Any
 
 from bot.dbwriter import Op
 from bot.errors import InvalidRequest, SettingsError
-from bot.jobs import Target, UserRef
+from bot.jobs import Target, UserRef, chat_scope
 
 LINK_CODE_TTL = 600.0
 # A link code is 10 letters of an alphabet without look-alikes (~50 bits), and one user may try
@@ -33,7 +33,7 @@ def scope_of(target: Target) -> str:
     """The policy scope of a place: a Discord guild, else the chat."""
     if target.platform == "discord" and target.guild_id:
         return f"discord-guild:{target.guild_id}"
-    return f"{target.platform}-chat:{target.chat_id}"
+    return chat_scope(target.platform, target.chat_id)
 
 
 @dataclass(frozen=True, slots=True)

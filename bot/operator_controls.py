@@ -12,8 +12,18 @@ from bot.dbwriter import Op
 from bot.engine_config import new_job, new_job_id
 from bot.errors import ErrorKind, InvalidRequest, JobNotFound, NotAllowed, UserError
 from bot.job_rows import insert_job_op
-from bot.jobs import Job, JobStatus, Options, Request, StoredImage, Target, Ticket, UserRef
-from bot.operator import LINK_CODE_TTL, LINK_TRIES, command_ops, scope_of
+from bot.jobs import (
+    Job,
+    JobStatus,
+    Options,
+    Request,
+    StoredImage,
+    Target,
+    Ticket,
+    UserRef,
+    chat_scope,
+)
+from bot.operator import LINK_CODE_TTL, LINK_TRIES, command_ops
 from bot.quota import days_before
 from bot.scheduler import Scheduler
 from bot.stats import usage_csv
@@ -34,14 +44,13 @@ class OperatorControls(Scheduler):
 
     def allowed(self, user: str, target: Target) -> bool:
         """ALLOWED_IDS, for this chat and the chats it was before (`chat_moved`)."""
-        chat = f"{target.platform}-chat:{target.chat_id}"
-        return self.config.allowed(user, target, self.operator.origins(chat))
+        moved_from = self.operator.origins(chat_scope(target.platform, target.chat_id))
+        return self.config.allowed(user, target, moved_from)
 
     async def chat_moved(self, platform: str, old_chat: str, new_chat: str) -> None:
         """A chat lives on under a new id (a Telegram group upgraded to a supergroup): its
         policy and its place in ALLOWED_IDS follow it, at once and after a restart."""
-        old = scope_of(Target(platform, chat_id=old_chat))
-        new = scope_of(Target(platform, chat_id=new_chat))
+        old, new = chat_scope(platform, old_chat), chat_scope(platform, new_chat)
         ops = self.operator.move(old, new, platform, self.clock())  # in memory before any await
         if ops:
             log.info("%s moved to %s: its policy and ALLOWED_IDS follow", old, new)
