@@ -257,7 +257,10 @@ class Router:
         """A job's time ran out while provider `name` had it: counted as its failure."""
         if not name or (breaker := self.breakers.get(name)) is None:
             return
-        exc = TimeoutError(f"provider {name}: a job's generation timed out")
+        self._failed(breaker, name, TimeoutError(f"provider {name}: a job's generation timed out"))
+
+    def _failed(self, breaker: Breaker, name: str, exc: BaseException) -> None:
+        """A call's failure, counted by the provider's breaker and told (`on_error`)."""
         breaker.failure(exc)
         if self.on_error is not None:
             self.on_error(name, exc)
@@ -277,9 +280,7 @@ class Router:
             breaker.end_probe()
             raise
         except (ProviderError, TimeoutError) as exc:
-            breaker.failure(exc)
-            if self.on_error is not None:
-                self.on_error(name, exc)
+            self._failed(breaker, name, exc)
             raise
         breaker.success()
         return images
