@@ -62,11 +62,7 @@ def add_commands(tree: app_commands.CommandTree[DrawbridgeClient], adapter: Disc
     @imagine.autocomplete("model")
     async def model_choices(interaction: Inter, current: str) -> list[app_commands.Choice[str]]:
         user = UserRef("discord", str(interaction.user.id))
-        allowed = (
-            ()
-            if engine.is_admin(user)
-            else engine.operator.policy(adapter.place(interaction)).models
-        )
+        allowed = adapter.chat.allowed_models(user, adapter.place(interaction))
         return models_matching(engine, current, allowed)
 
     @imagine.autocomplete("size")

@@ -174,12 +174,10 @@ class Chat:
     def models_text(
         self, lang: str, user: UserRef | None = None, target: Target | None = None
     ) -> str:
-        """The models one can use here: served by a provider, and, in a chat whose /policy
-        names models, those (for anyone but an admin, who skips policies)."""
+        """The models one can use here: served by a provider, and allowed here
+        (`allowed_models`)."""
         engine = self.engine
-        allowed: tuple[str, ...] = ()
-        if target is not None and not (user is not None and engine.is_admin(user)):
-            allowed = engine.operator.policy(target).models
+        allowed = self.allowed_models(user, target)
         lines = [t(lang, "models.header")]
         for spec in engine.catalog:
             if engine.router.available(spec) and (not allowed or spec.name in allowed):
@@ -193,6 +191,14 @@ class Chat:
                     )
                 )
         return "\n".join(lines)
+
+    def allowed_models(self, user: UserRef | None, target: Target | None) -> tuple[str, ...]:
+        """The models the /policy of `target` names (none: any), for anyone but an admin, who
+        skips policies."""
+        engine = self.engine
+        if target is None or (user is not None and engine.is_admin(user)):
+            return ()
+        return engine.operator.policy(target).models
 
     # ---- identity, history ------------------------------------------------------------------
 
