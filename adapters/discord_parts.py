@@ -20,6 +20,7 @@ from PIL import Image
 from bot.errors import DeliveryError
 from bot.images import extension_for
 from bot.jobs import Options
+from bot.providers.http import parse_retry_after
 from bot.texts import pick_lang, t
 
 Inter = discord.Interaction[discord.Client]
@@ -94,10 +95,8 @@ def refused_for_now(exc: discord.HTTPException) -> bool:
 def retry_wait(exc: discord.HTTPException, attempt: int) -> float:
     """Seconds before try `attempt + 1`: the response's Retry-After, else 1, 2, 4 …; at most
     RETRY_WAIT_MAX (a ban of an hour is not waited out for one edit)."""
-    headers = getattr(exc.response, "headers", None) or {}
-    try:
-        wait = float(headers.get("Retry-After", ""))
-    except ValueError:
+    wait = parse_retry_after(getattr(exc.response, "headers", None) or {})
+    if wait is None:
         wait = float(2 ** (attempt - 1))
     return min(max(wait, 0.1), RETRY_WAIT_MAX)
 
